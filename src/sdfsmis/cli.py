@@ -1,0 +1,146 @@
+"""Command line: one subcommand per pipeline stage, each a thin layer over an importable function.
+
+    sdfsmis prepare   SOURCE --dataset NAME --out DIR        (sdfsmis.data.prepare.prepare_dataset)
+    sdfsmis evaluate  PREPARED --method baseline|CKPT --out DIR  (sdfsmis.evaluation.report.run_evaluation)
+    sdfsmis train     --config FILE [key=value ...]          (sdfsmis.train.train)
+    sdfsmis predict   --support-image S --support-mask M --query Q --out OUT  (sdfsmis.predict.predict)
+    sdfsmis demo      [--out DIR]                            (sdfsmis.demo.run_demo)
+
+Bad input ends with a one-line error naming the file and the problem, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from .data.prepare import prepare_dataset
+
+    out = prepare_dataset(
+        Path(args.source), args.dataset, Path(args.out), supervoxels=args.supervoxels,
+        min_size=args.min_size, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite,
+    )
+    print(f"prepared dataset written to {out}")
+
+
+def make_predictor(method: str, device: str, batch_size: int):
+    """``baseline`` (training-free TAESD prototype matching) or a trained model directory."""
+    if method == "baseline":
+        from .baseline import PrototypeBaseline
+
+        return PrototypeBaseline(device=device)
+    from .models.io import load_pretrained
+    from .models.predictor import ModelPredictor
+
+    path = Path(method)
+    if not (path / "config.json").is_file():
+        raise InputError(path, "not a trained model directory (no config.json); use 'baseline' or a model dir")
+    return ModelPredictor(load_pretrained(path, device=device), device=device, batch_size=batch_size)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.report import run_evaluation
+
+    predictor = make_predictor(args.method, args.device, args.batch_size)
+    summary = run_evaluation(
+        predictor, Path(args.prepared), Path(args.out), folds=tuple(args.folds), support=args.support,
+        shots=args.shots, n_chunks=args.chunks, progress=not args.quiet,
+    )
+    print(summary)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg, progress=not args.quiet)
+    print(f"trained model written to {out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .predict import predict
+
+    result = predict(
+        Path(args.support_image), Path(args.support_mask), Path(args.query), Path(args.out),
+        labels=args.labels, shots=args.shots, checkpoint=args.checkpoint, device=args.device,
+        batch_size=args.batch_size, overlay=not args.no_overlay, progress=not args.quiet,
+    )
+    print(result)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdfsmis", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="normalise volumes, index slices, compute supervoxels")
+    p.add_argument("source", help="folder of image_<id>.nii.gz / label_<id>.nii.gz pairs")
+    p.add_argument("--dataset", required=True, help="abd-mri, abd-ct, card-mri, or a dataset .json")
+    p.add_argument("--out", required=True, help="output folder (written once; re-runs skip done scans)")
+    p.add_argument("--supervoxels", choices=["3d", "2d"], default="3d", help="3-D supervoxels (ADNet) or 2-D superpixels")
+    p.add_argument("--min-size", type=int, default=None, help="Felzenszwalb min_size (default: the dataset's)")
+    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--overwrite", action="store_true", help="redo every scan")
+    p.set_defaults(func=_prepare)
+
+    e = sub.add_parser("evaluate", help="run the few-shot evaluation protocol (Dice, HD95, ASSD)")
+    e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
+    e.add_argument("--method", default="baseline", help="'baseline' or a trained model directory")
+    e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
+    e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")
+    e.add_argument("--shots", type=int, default=1, help="support slices per chunk")
+    e.add_argument("--chunks", type=int, default=3, help="chunks of the organ's slices (protocol: 3)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.set_defaults(func=_evaluate)
+
+    t = sub.add_parser("train", help="train SD-FSMIS, DiffewS or SDSeg")
+    t.add_argument("--config", default=None, help="JSON or TOML training config")
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.iterations=2000 model.method=diffews")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("predict", help="segment the support's organs in a query scan (NIfTI in, NIfTI out)")
+    r.add_argument("--support-image", required=True)
+    r.add_argument("--support-mask", required=True, help="label volume; every label present is segmented")
+    r.add_argument("--query", required=True)
+    r.add_argument("--out", required=True, help="output label volume (.nii.gz), in the query's geometry")
+    r.add_argument("--labels", type=int, nargs="+", default=None, help="only these label ids")
+    r.add_argument("--shots", type=int, default=1, help="support slices per chunk")
+    r.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
+    r.set_defaults(func=_predict)
+
+    d = sub.add_parser("demo", help="segment a bundled CHAOS MRI scan from another one and report Dice")
+    d.add_argument("--out", default="sdfsmis-demo", help="output folder")
+    d.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as err:
+        print(f"sdfsmis {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets, preprocessing (``prepare``), folds and episode samplers."""
