@@ -12,3 +12,6 @@ class InputError(ValueError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+    def __reduce__(self):  # keeps (path, problem) when sent between worker processes
+        return type(self), (self.path, self.problem)

@@ -1,0 +1,326 @@
+"""The few-shot evaluation protocol of the FSMIS literature (SSL-ALPNet / ADNet / RPT / SD-FSMIS).
+
+For each fold (``sdfsmis.data.folds``): the fold's scans are the test scans; one of them is the
+support scan (``support`` rule: ``last`` = ADNet, ``index:N`` = RPT uses ``index:2``, ``id:X``), the
+others are the queries. For each evaluated organ and each query scan:
+
+1. The evaluated query slices are the slices holding the organ in the query's manual label; the
+   support's organ slices likewise (slices are axial, ``vol[:, :, z]``).
+2. Both lists are split into ``n_chunks`` (= 3) contiguous chunks with ``numpy.array_split``
+   semantics: the first ``len % n`` chunks get one slice more (10 slices -> 4, 3, 3).
+3. Query chunk ``i`` is segmented with support chunk ``i``: with ``shots = 1`` its middle slice
+   (index ``L // 2`` of a chunk of ``L`` slices, the upper middle for even ``L``); with ``shots = K``
+   the slices at indices ``floor((j + 0.5) * L / K)``, ``j = 0..K-1`` (the centres of ``K`` equal
+   parts of the chunk; for odd ``K`` the middle one is the ``shots = 1`` slice). Duplicates are
+   dropped, so a chunk shorter than ``K`` gives all its slices. See :func:`chunk_support_slices`.
+4. The predictor is called once per chunk (all query slices of the chunk as one batch) and its
+   probabilities are thresholded at 0.5 (``prob >= 0.5``, MONAI ``AsDiscrete`` convention).
+5. Metrics are 3-D over the evaluated slices: Dice from TP/FP/FN summed over them; HD95 and ASSD in
+   mm on the query's slab ``z_min..z_max`` of the evaluated slices with the volume spacing
+   (predictions on slices in that range that do not hold the organ, if any, are empty; this keeps
+   the true slice geometry).
+
+The original protocol code (ADNet/RPT) assigns query slices to chunks by their position in the
+``z`` range of the organ; on organs whose slices are contiguous (all of CHAOS / Synapse) that gives
+the same contiguous thirds up to rounding at the chunk borders.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..data.folds import N_FOLDS, choose_support, split
+from ..errors import InputError
+from .metrics import MetricAccumulator, all_metrics
+
+PROB_THRESHOLD = 0.5
+
+
+class Predictor(Protocol):
+    """What the protocol calls (docs/architecture.md, "Few-shot predictor")."""
+
+    name: str
+
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
+        """``[K, H, W]`` images in [-1, 1], ``[K, H, W]`` {0, 1} masks, ``[N, H, W]`` query images
+        -> ``[N, H, W]`` foreground probability in [0, 1]; all on the CPU."""
+        ...
+
+
+def chunk_support_slices(
+    support_slices: Sequence[int], query_slices: Sequence[int], n_chunks: int = 3, shots: int = 1
+) -> list[tuple[list[int], list[int]]]:
+    """Pair query chunks with the support slices that segment them.
+
+    Returns one ``(query chunk slices, support slices)`` pair per non-empty query chunk, in order.
+    Both inputs are sorted first. Query and support lists are split with ``np.array_split`` into
+    ``n_chunks`` parts; support chunk ``i`` gives ``shots`` slices at indices
+    ``floor((j + 0.5) * L / shots)`` (``shots = 1``: its middle slice ``L // 2``), duplicates
+    dropped. If the support has fewer organ slices than ``n_chunks``, chunk ``i`` uses the support
+    slice at index ``floor((i + 0.5) * S / n_chunks)`` of the ``S`` support slices.
+
+    Example: support 10..19, query 3..9, 3 chunks, 1 shot ->
+    ``[([3, 4, 5], [12]), ([6, 7], [15]), ([8, 9], [18])]``.
+    """
+    if n_chunks < 1 or shots < 1:
+        raise ValueError(f"n_chunks and shots must be >= 1, got {n_chunks}, {shots}")
+    sup = sorted(int(s) for s in support_slices)
+    qry = sorted(int(q) for q in query_slices)
+    if not sup:
+        raise ValueError("the support has no slices of this organ")
+    n_sup = len(sup)
+    if n_sup >= n_chunks:
+        sup_chunks = [list(c) for c in np.array_split(np.asarray(sup), n_chunks)]
+    else:
+        sup_chunks = [[sup[math.floor((i + 0.5) * n_sup / n_chunks)]] for i in range(n_chunks)]
+    plan = []
+    for i, q_chunk in enumerate(np.array_split(np.asarray(qry, dtype=int), n_chunks)):
+        if len(q_chunk) == 0:
+            continue
+        chunk = sup_chunks[i]
+        length = len(chunk)
+        picks = sorted({math.floor((j + 0.5) * length / shots) for j in range(shots)})
+        plan.append(([int(q) for q in q_chunk], [int(chunk[p]) for p in picks]))
+    return plan
+
+
+def organ_slices(label: np.ndarray, label_id: int) -> list[int]:
+    """Indices ``z`` of the axial slices ``label[:, :, z]`` that hold ``label_id``."""
+    return [int(z) for z in np.flatnonzero((label == label_id).any(axis=(0, 1)))]
+
+
+@dataclass
+class CaseResult:
+    """One (fold, query scan, organ) evaluation."""
+
+    fold: int
+    organ: str
+    query_id: str
+    support_id: str
+    dice: float
+    hd95: float
+    assd: float
+    tp: int
+    fp: int
+    fn: int
+    n_slices: int
+    seconds: float  # wall time inside predictor.predict for this case
+    slices_per_s: float
+    query_slices: list[int] = field(default_factory=list)
+    support_slices: list[list[int]] = field(default_factory=list)  # per chunk
+
+
+@dataclass
+class EvalResult:
+    method: str
+    dataset: str
+    config: dict[str, Any]
+    folds: dict[int, dict[str, Any]]  # fold -> {"support": id, "queries": [ids]}
+    cases: list[CaseResult]
+    skipped: list[dict[str, Any]]  # (fold, query, organ) with no organ slice in the query
+    setting: str = ""  # free label for the table row (e.g. "1" / "2" for the paper's settings)
+    outputs: dict[str, str] = field(default_factory=dict)  # report files, once written
+
+    def __str__(self) -> str:
+        from .report import markdown_tables
+
+        where = f"\nreports: {Path(next(iter(self.outputs.values()))).parent}" if self.outputs else ""
+        return (f"{self.dataset} / {self.method}: {len(self.cases)} cases, folds {self.config['folds']}\n"
+                + markdown_tables([(self.method, self.setting, self.summary())], self.config["organs"]) + where)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in self.cases]
+
+    def summary(self) -> dict[str, Any]:
+        acc = MetricAccumulator(organs=tuple(self.config.get("organs", ())))
+        acc.extend(self.rows())
+        return {
+            "method": self.method,
+            "dataset": self.dataset,
+            "config": self.config,
+            "folds": {str(k): v for k, v in self.folds.items()},
+            "skipped": self.skipped,
+            **acc.summary(),
+        }
+
+
+def _describe(predictor: Any) -> dict[str, Any]:
+    cfg = getattr(predictor, "config", None)
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in asdict(cfg).items()}
+    return {}
+
+
+@dataclass
+class _Scan:
+    image: np.ndarray  # float32 [X, Y, Z]
+    label: np.ndarray  # [X, Y, Z]
+    spacing: tuple[float, float, float]
+
+
+def _load(prepared: Any, scan_id: str) -> _Scan:
+    scan = prepared.load(scan_id)
+    info = getattr(scan, "info", None) or prepared.info(scan_id)
+    return _Scan(
+        image=np.asarray(scan.image, dtype=np.float32),
+        label=np.asarray(scan.label),
+        spacing=tuple(float(s) for s in info.spacing),
+    )
+
+
+def _slices(vol: np.ndarray, idx: Sequence[int]) -> torch.Tensor:
+    """``vol[:, :, idx]`` as a ``[len(idx), X, Y]`` float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[:, :, list(idx)], 2, 0), dtype=np.float32))
+
+
+def plan_folds(
+    prepared: Any, folds: Sequence[int], support: str, organs: Sequence[str] | None
+) -> tuple[tuple[str, ...], dict[int, dict[str, Any]]]:
+    """Validate the options and return (organs, {fold: {"support": id, "queries": [ids]}}).
+
+    Raises :class:`InputError` (naming the prepared folder) for unknown organs, folds out of range,
+    a support rule that does not pick a scan of the fold, or too few scans.
+    """
+    root = getattr(prepared, "root", None)
+    spec = prepared.spec
+    organs = tuple(spec.eval_organs if organs is None else organs)
+    unknown = [o for o in organs if o not in spec.labels]
+    if unknown or not organs:
+        raise InputError(root, f"unknown organ(s) {unknown or list(organs)} for dataset {spec.name!r}; "
+                               f"known: {sorted(spec.labels)}")
+    scan_ids = list(prepared.scan_ids)
+    if len(scan_ids) < N_FOLDS:
+        raise InputError(root, f"needs at least {N_FOLDS} scans for {N_FOLDS} folds, has {len(scan_ids)}")
+    bad = [f for f in folds if not isinstance(f, (int, np.integer)) or not 0 <= int(f) < N_FOLDS]
+    if bad or not folds:
+        raise InputError(root, f"fold(s) {bad or list(folds)} out of range: use 0..{N_FOLDS - 1}")
+    plan: dict[int, dict[str, Any]] = {}
+    for fold in folds:
+        _, test = split(scan_ids, int(fold))
+        try:
+            sup = choose_support(test, support)
+        except (ValueError, IndexError) as err:
+            raise InputError(root, f"support rule {support!r} for fold {fold} (scans {test}): {err}") from err
+        plan[int(fold)] = {"support": sup, "queries": [s for s in test if s != sup]}
+    return organs, plan
+
+
+def evaluate(
+    predictor: Predictor,
+    prepared: Any,
+    *,
+    folds: Sequence[int] = (0, 1, 2, 3, 4),
+    organs: Sequence[str] | None = None,
+    support: str = "last",
+    n_chunks: int = 3,
+    shots: int = 1,
+    progress: bool = True,
+) -> EvalResult:
+    """Run the protocol of this module on a :class:`~sdfsmis.data.prepared.PreparedDataset`.
+
+    ``organs`` defaults to ``spec.eval_organs``. All options are checked before any prediction.
+    A query scan without the organ is skipped and listed in ``EvalResult.skipped``; a support scan
+    without the organ is an :class:`InputError`.
+    """
+    if n_chunks < 1 or shots < 1:
+        raise InputError(getattr(prepared, "root", None), f"n_chunks and shots must be >= 1, got {n_chunks}, {shots}")
+    organs, plan = plan_folds(prepared, folds, support, organs)
+    spec = prepared.spec
+    root = getattr(prepared, "root", None)
+
+    # Check every support scan holds every organ before spending time on predictions.
+    sup_slices: dict[tuple[int, str], list[int]] = {}
+    for fold, p in plan.items():
+        label = np.asarray(prepared.load(p["support"]).label)
+        for organ in organs:
+            zs = organ_slices(label, spec.label_id(organ))
+            if not zs:
+                raise InputError(root, f"support scan {p['support']!r} (fold {fold}) has no {organ!r} "
+                                       f"(label {spec.label_id(organ)}); choose another --support")
+            sup_slices[fold, organ] = zs
+
+    config = {
+        "folds": [int(f) for f in plan],
+        "organs": list(organs),
+        "support": support,
+        "n_chunks": n_chunks,
+        "shots": shots,
+        "prob_threshold": PROB_THRESHOLD,
+        "predictor": getattr(predictor, "name", type(predictor).__name__),
+        "predictor_config": _describe(predictor),
+        "prepared": None if root is None else str(root),
+        "scan_ids": list(prepared.scan_ids),
+    }
+    tasks = [(f, q) for f, p in plan.items() for q in p["queries"]]
+    cases: list[CaseResult] = []
+    skipped: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks) * len(organs), desc=f"evaluate {spec.name}", unit="case")
+    for fold, p in plan.items():
+        sup_scan = _load(prepared, p["support"])
+        for qid in p["queries"]:
+            qscan = _load(prepared, qid)
+            for organ in organs:
+                lid = spec.label_id(organ)
+                q_z = organ_slices(qscan.label, lid)
+                if not q_z:
+                    skipped.append({"fold": fold, "query_id": qid, "organ": organ, "reason": "organ absent"})
+                else:
+                    cases.append(_run_case(predictor, sup_scan, qscan, lid, q_z, sup_slices[fold, organ],
+                                           fold, organ, qid, p["support"], n_chunks, shots))
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return EvalResult(
+        method=config["predictor"], dataset=spec.name, config=config, folds=plan, cases=cases, skipped=skipped
+    )
+
+
+def _run_case(
+    predictor: Predictor, sup: _Scan, qry: _Scan, lid: int, q_z: list[int], s_z: list[int],
+    fold: int, organ: str, qid: str, sid: str, n_chunks: int, shots: int,
+) -> CaseResult:
+    z0, z1 = q_z[0], q_z[-1] + 1
+    pred = np.zeros(qry.label.shape[:2] + (z1 - z0,), dtype=bool)
+    seconds = 0.0
+    used: list[list[int]] = []
+    for q_chunk, s_chunk in chunk_support_slices(s_z, q_z, n_chunks, shots):
+        s_img = _slices(sup.image, s_chunk)
+        s_msk = torch.from_numpy(
+            np.ascontiguousarray(np.moveaxis(sup.label[:, :, s_chunk] == lid, 2, 0), dtype=np.float32)
+        )
+        q_img = _slices(qry.image, q_chunk)
+        t0 = time.perf_counter()
+        prob = predictor.predict(s_img, s_msk, q_img)
+        seconds += time.perf_counter() - t0
+        prob = torch.as_tensor(prob).detach().to("cpu", torch.float32)
+        if tuple(prob.shape) != tuple(q_img.shape):
+            raise RuntimeError(f"predictor returned shape {tuple(prob.shape)} for queries {tuple(q_img.shape)}")
+        if not torch.isfinite(prob).all():
+            raise RuntimeError("predictor returned non-finite probabilities")
+        hard = (prob >= PROB_THRESHOLD).numpy()
+        for k, z in enumerate(q_chunk):
+            pred[:, :, z - z0] = hard[k]
+        used.append(s_chunk)
+    gt = qry.label[:, :, z0:z1] == lid
+    m = all_metrics(pred, gt, qry.spacing)
+    n = len(q_z)
+    return CaseResult(
+        fold=fold, organ=organ, query_id=qid, support_id=sid, dice=m["dice"], hd95=m["hd95"],
+        assd=m["assd"], tp=m["tp"], fp=m["fp"], fn=m["fn"], n_slices=n, seconds=seconds,
+        slices_per_s=n / seconds if seconds > 0 else float("nan"), query_slices=q_z, support_slices=used,
+    )
