@@ -1,0 +1,8 @@
+"""Models: frozen VAEs, image encoders, backbones and the segmentation methods built on them."""
+
+from sdfsmis.models.backbones import Backbone, BackboneConfig, build_backbone, widen_conv_in
+from sdfsmis.models.image_encoders import masked_average
+from sdfsmis.models.vae import FrozenVAE, load_autoencoder_kl, load_taesd
+from sdfsmis.models.config import ModelConfig
+from sdfsmis.models.io import build_model as build
+from sdfsmis.models.io import load_pretrained, save_pretrained

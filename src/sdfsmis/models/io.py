@@ -1,0 +1,122 @@
+"""Building, saving and loading models.
+
+``build_model(ModelConfig) -> model`` is the one call to get a model (``sdfsmis.models.build``).
+
+A saved model is a directory with
+
+- ``model.safetensors``: every parameter and persistent buffer of the model except those of the
+  frozen external modules (``vae.*``, ``image_encoder.*``), which ``build_backbone`` re-creates from
+  the paths in the config (packaged TAESD, an SD folder, a DINOv2 folder). For the ``tiny`` tier the
+  frozen modules are random, so they are saved too;
+- ``config.json``: the resolved ``ModelConfig`` (``dataclasses.asdict``), written last.
+
+Both files are written to temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdfsmis import __version__
+from sdfsmis.errors import InputError
+from sdfsmis.models.config import ModelConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+EXTERNAL_PREFIXES = ("vae.", "image_encoder.")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg.method`` (``SDFSMIS``, ``DiffewS`` or ``SDSeg``) on ``cfg.backbone``."""
+    if cfg.method == "sdfsmis":
+        from sdfsmis.models.sdfsmis import SDFSMIS
+
+        return SDFSMIS(cfg)
+    if cfg.method == "diffews":
+        from sdfsmis.models.diffews import DiffewS
+
+        return DiffewS(cfg)
+    if cfg.method == "sdseg":
+        from sdfsmis.models.sdseg import SDSeg
+
+        return SDSeg(cfg)
+    raise InputError(None, f"unknown method {cfg.method!r}")
+
+
+def _saved_keys_filter(model: nn.Module):
+    external = () if model.config.backbone.tier == "tiny" else EXTERNAL_PREFIXES
+    return lambda key: not key.startswith(external)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created); returns it."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = _saved_keys_filter(model)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items() if keep(k)}
+    meta = {"format": "pt", "sdfsmis_version": __version__, "method": model.config.method}
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
+    text = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(text))
+    return out
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` saved in ``directory``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise InputError(path, "not found (not a saved model directory)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read model config ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(path, "model config is not a JSON object")
+    try:
+        return ModelConfig.from_dict(data)
+    except InputError as exc:
+        raise InputError(path, exc.problem) from exc
+    except TypeError as exc:
+        raise InputError(path, f"invalid model config ({exc})") from exc
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of ``directory/config.json`` and load ``model.safetensors``; eval mode."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InputError(weights, "not found (not a saved model directory)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(weights, f"cannot read weights ({exc})") from exc
+    model = build_model(cfg)
+    keep = _saved_keys_filter(model)
+    expected = {k for k in model.state_dict() if keep(k)}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise InputError(weights, f"weights do not match the config: missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(unexpected)[:5]}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise InputError(weights, f"weights do not match the config: {exc}") from exc
+    return model.to(device).eval()
