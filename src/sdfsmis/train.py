@@ -1,0 +1,807 @@
+"""The training stage: episodic training of a segmentation model with HF ``accelerate``.
+
+``load_config(file, overrides) -> TrainConfig`` builds a typed config from a JSON/TOML file plus
+``key.sub=value`` overrides; ``train(cfg) -> Path`` runs it and returns the final model folder.
+
+Layout of ``out_dir``::
+
+    config.json                      the resolved TrainConfig of the run
+    log.csv                          step, loss, lr, grad_norm, sec_per_step, episodes_per_s
+    loss.png                         loss curve (rewritten at every checkpoint and at the end)
+    validation.csv                   what the optional validation hook returned
+    checkpoints/latest               text file naming the newest complete checkpoint
+    checkpoints/step_0001000/        model/ (save_pretrained), optimizer.pt (optimizer + scheduler),
+                                     rng.pt, state.json (step), config.json
+    model/                           the final model (save_pretrained), loadable by the predictor
+
+Determinism and exact resume: the episodes of step ``s`` come from a generator seeded with
+``(seed, s, process, micro-batch)`` and the global torch RNG (noise, dropout inside the model) is
+reseeded from the same tuple before every forward pass, so nothing depends on what happened before
+step ``s`` except the weights and the optimizer/scheduler state, which the checkpoints hold
+exactly. A run interrupted after step ``k`` and resumed from an earlier checkpoint ends with the
+same weights as an uninterrupted run, bit for bit, given the same hardware, thread count and
+process count (``deterministic=true`` additionally asks torch for deterministic GPU kernels).
+
+Usage: ``sdfsmis train --config FILE [key.sub=value ...]`` (e.g. ``iterations=2000
+model.backbone.tier=compact data=a,b``); rerunning the same command resumes. Multi-GPU (or
+multi-process CPU): ``accelerate launch [--num_processes N] -m sdfsmis.cli train --config FILE``.
+Each process draws its own episodes (seeded by its rank), so the global batch is
+``batch_size x gradient_accumulation_steps x num_processes``; the learning-rate schedule counts
+optimizer steps and does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sdfsmis.data.episodes import EpisodeConfig
+from sdfsmis.errors import InputError
+from sdfsmis.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+#: Backbone tiers whose UNet is trained from scratch (and gets ``optim.lr_scratch``).
+SCRATCH_TIERS = ("compact", "tiny")
+LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec_per_step", "episodes_per_s")
+CHECKPOINT_PREFIX = "step_"
+
+
+# --------------------------------------------------------------------------------------- config
+@dataclass
+class OptimConfig:
+    """AdamW and learning-rate schedule (paper recipe by default).
+
+    ``lr_backbone`` is for a pretrained UNet, ``lr_new`` for new layers (VTCT MLP, SII attention,
+    widened input convs), ``lr_scratch`` replaces ``lr_backbone`` when the backbone tier is one whose
+    UNet starts from random weights (compact, tiny). ``schedule`` is a ``diffusers`` scheduler name
+    (constant, constant_with_warmup, linear, cosine, ...). ``grad_clip <= 0`` disables clipping.
+    """
+
+    weight_decay: float = 1e-2
+    lr_backbone: float = 1e-5
+    lr_new: float = 5e-5
+    lr_scratch: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved (resolved) as ``config.json`` beside every checkpoint.
+
+    ``data`` lists prepared-dataset folders (several: episodes are drawn from each with equal
+    probability). ``train_scans="fold"`` trains on the scans outside ``episodes.fold`` (or on
+    ``episodes.train_scan_ids``); ``"all"`` on every scan of every dataset (a general model that is
+    not evaluated by cross-validation). ``episodes.image_size`` must equal the model's working
+    size (256 for ``sd``/``compact``, 32 for ``tiny``). ``resume`` is ``"auto"`` (the latest
+    checkpoint in ``out_dir`` if any), ``"no"``, or the path of a checkpoint folder.
+    ``mixed_precision="bf16"`` autocasts on a GPU and is ignored on the CPU. ``num_workers > 0``
+    draws episodes in DataLoader worker processes (with a CPU sampler). ``time_limit_s > 0`` ends
+    training after that many seconds of this process (checkpoint and final model at the step
+    reached; the learning-rate schedule still follows ``iterations``).
+    """
+
+    data: list[str] = field(default_factory=list)
+    train_scans: Literal["fold", "all"] = "fold"
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    iterations: int = 15000
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    deterministic: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    validate_every: int = 0
+    out_dir: str = "runs/train"
+    num_workers: int = 0
+    resume: str = "auto"
+    time_limit_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "iterations", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.validate_every < 0 or self.time_limit_s < 0:
+            raise ValueError("num_workers, validate_every and time_limit_s must be >= 0")
+
+
+#: Sections that must match when resuming from a checkpoint written by another config.
+_RESUME_MUST_MATCH = ("data", "train_scans", "episodes", "model", "batch_size",
+                      "gradient_accumulation_steps", "seed")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _coerce(obj: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``obj`` (from JSON, TOML or an override) to the annotated type ``tp``."""
+    bad = ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {obj!r}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return obj
+    if _is_union(tp):
+        if obj is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        exact = [a for a in members if isinstance(a, type) and type(obj) is a]
+        for member in exact + [a for a in members if a not in exact]:
+            try:
+                return _coerce(obj, member, where)
+            except ValueError:
+                continue
+        raise bad
+    if origin is Literal:
+        if obj in args:
+            return obj
+        raise ValueError(f"{where}: expected one of {list(args)}, got {obj!r}")
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(obj) and isinstance(obj, tp):
+            return obj
+        if not isinstance(obj, Mapping):
+            raise bad
+        return _from_dict(tp, obj, where)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(obj, str):
+            obj = [s.strip() for s in obj.split(",") if s.strip()]
+        if not isinstance(obj, (list, tuple)):
+            raise bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(obj) != len(args):
+                raise bad
+            return tuple(_coerce(o, a, f"{where}[{i}]") for i, (o, a) in enumerate(zip(obj, args)))
+        item = args[0] if args else Any
+        out = [_coerce(o, item, f"{where}[{i}]") for i, o in enumerate(obj)]
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(obj, Mapping):
+            raise bad
+        return dict(obj)
+    number = isinstance(obj, (int, float)) and not isinstance(obj, bool)
+    try:
+        if tp is bool and isinstance(obj, str) and obj.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[obj.lower()]
+        if tp is float and (number or isinstance(obj, str)):
+            return float(obj)
+        if tp is int and (isinstance(obj, str) or (number and float(obj).is_integer())):
+            return int(obj)
+        if tp in (str, Path) and isinstance(obj, (str, Path)):
+            return tp(obj)
+        if tp not in (int, float, str, Path) and (not isinstance(tp, type) or isinstance(obj, tp)):
+            return obj
+    except ValueError:
+        pass
+    raise bad
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) mapping, typing every value; unknown keys fail."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    prefix = f"{where}." if where else ""
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"known in {where or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where or cls.__name__}: {err}") from err
+
+
+def _parse_override_value(text: str, tp: Any, where: str) -> Any:
+    """An override's text as a value of ``tp``: JSON first (numbers, lists, null), else the raw text."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = text
+    try:
+        return _coerce(parsed, tp, where)
+    except ValueError:
+        if parsed is text:
+            raise
+        return _coerce(text, tp, where)
+
+
+def _apply_override(tree: dict, cls: type, override: str) -> None:
+    """Apply one ``key.sub=value`` override onto the nested dict ``tree`` (typed via ``cls``)."""
+    key, sep, text = override.removeprefix("--").partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {override!r} is not of the form key.sub=value")
+    parts = key.strip().split(".")
+    node, tp = tree, cls
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            raise ValueError(f"override {override!r}: {'.'.join(parts[:depth])} has no sub-keys")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise ValueError(f"override {override!r}: unknown key {'.'.join(parts[:depth + 1])}; "
+                             f"known: {', '.join(sorted(hints))}")
+        tp = hints[part]
+        if depth < len(parts) - 1:
+            sub = node.get(part)
+            if dataclasses.is_dataclass(sub):
+                sub = _to_plain(sub)
+            node[part] = sub if isinstance(sub, dict) else {}
+            node = node[part]
+    node[parts[-1]] = _parse_override_value(text, tp, key)
+
+
+def _to_plain(obj: Any) -> Any:
+    """Dataclasses/paths/tuples -> JSON-able dicts, strings and lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """The config as a JSON-able nested dict (what ``config.json`` holds)."""
+    return _to_plain(cfg)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a JSON (``.json``) or TOML (``.toml``) config, apply ``key.sub=value`` overrides.
+
+    Missing keys take the defaults (the paper's recipe). Relative ``data`` and ``out_dir`` paths are
+    resolved against the current directory. Raises ``InputError`` naming the file on bad input.
+    """
+    source = Path(path) if path is not None else None
+    tree: dict = {}
+    if source is not None:
+        if not source.is_file():
+            raise InputError(source, "config file does not exist")
+        try:
+            if source.suffix.lower() == ".toml":
+                tree = tomllib.loads(source.read_text())
+            else:
+                tree = json.loads(source.read_text())
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise InputError(source, f"cannot parse config: {err}") from err
+        if not isinstance(tree, dict):
+            raise InputError(source, "config must be a JSON object / TOML table")
+    try:
+        for override in overrides:
+            _apply_override(tree, TrainConfig, override)
+        cfg = _from_dict(TrainConfig, tree)
+    except ValueError as err:
+        raise InputError(source, str(err)) from err
+    cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data]
+    cfg.out_dir = str(Path(cfg.out_dir).expanduser().resolve())
+    return cfg
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as JSON (atomically)."""
+    _write_json_atomic(Path(path), config_to_dict(cfg))
+
+
+# ------------------------------------------------------------------------------ seeding and data
+def step_seed(seed: int, *indices: int) -> int:
+    """A 63-bit seed derived from ``(seed, *indices)`` (independent streams per step/rank/role)."""
+    state = np.random.SeedSequence([seed, *indices]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+class MixedSampler:
+    """Episodes from several samplers: each episode picks a sampler uniformly (with ``generator``)."""
+
+    def __init__(self, samplers: Sequence[Any]):
+        if not samplers:
+            raise ValueError("no episode samplers")
+        self.samplers = list(samplers)
+        self.device = getattr(self.samplers[0], "device", torch.device("cpu"))
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        if len(self.samplers) == 1:
+            return self.samplers[0].sample(batch_size, generator)
+        which = torch.randint(len(self.samplers), (batch_size,), generator=generator,
+                              device=generator.device).tolist()
+        parts = [self.samplers[i].sample(which.count(i), generator)
+                 for i in range(len(self.samplers)) if which.count(i)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu",
+                  progress: bool = True) -> MixedSampler:
+    """One episode sampler per prepared dataset in ``cfg.data``, mixed uniformly."""
+    from sdfsmis.data.episodes import EpisodeSampler
+    from sdfsmis.data.prepared import PreparedDataset
+
+    if not cfg.data:
+        raise InputError(None, "no training data: set data=[PREPARED_DIR, ...]")
+    samplers = []
+    for path in cfg.data:
+        dataset = PreparedDataset(path)
+        episodes = cfg.episodes
+        if cfg.train_scans == "all":
+            episodes = dataclasses.replace(episodes, train_scan_ids=tuple(dataset.scan_ids))
+        samplers.append(EpisodeSampler(dataset, episodes, device=device, progress=progress))
+    return MixedSampler(samplers)
+
+
+def _sampler_generator(sampler: Any, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=getattr(sampler, "device", "cpu"))
+    return gen.manual_seed(seed)
+
+
+class _EpisodeStream(torch.utils.data.IterableDataset):
+    """Batches for micro-steps ``start, start+1, ...``; micro-step ``i`` = (step, micro) seeded alone,
+    so worker ``w`` of ``n`` yields ``i = w, w+n, ...`` and the DataLoader's round robin keeps order."""
+
+    def __init__(self, sampler: Any, cfg: TrainConfig, rank: int, start: int, stop: int):
+        self.sampler, self.cfg, self.rank, self.start, self.stop = sampler, cfg, rank, start, stop
+
+    def batch(self, index: int) -> dict[str, Tensor]:
+        step, micro = divmod(index, self.cfg.gradient_accumulation_steps)
+        gen = _sampler_generator(self.sampler, step_seed(self.cfg.seed, step, self.rank, micro, 0))
+        return self.sampler.sample(self.cfg.batch_size, gen)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(self.start + worker, self.stop, n):
+            yield self.batch(index)
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = model.training_loss(batch)``: lets DDP and autocast see the loss call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model.training_loss(batch)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _step_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def _complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint folders (holding state.json), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [d for d in ckpt_root.iterdir() if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX)
+            and d.name[len(CHECKPOINT_PREFIX):].isdigit() and (d / "state.json").is_file()]
+    return sorted(dirs, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``checkpoints/latest`` (or the newest complete one), else ``None``."""
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / "state.json").is_file():
+            return target
+    found = _complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final`` (replacing an older one) with renames only."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder with ``write(tmp)`` and rename it to ``final``; on any error
+    the temporary folder is removed and ``final`` is left as it was."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, cfg: TrainConfig, keep: int) -> Path:
+    """Write ``checkpoints/step_XXXXXXX/`` atomically, point ``latest`` at it, keep the last ``keep``."""
+    root = out_dir / "checkpoints"
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        save_config(cfg, tmp / "config.json")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+
+    final = _write_dir_atomic(root / _step_dir_name(step), write)
+    pointer_tmp = root / f".latest.tmp{os.getpid()}"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, root / "latest")
+    for old in _complete_checkpoints(root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resume_point(cfg: TrainConfig) -> tuple[Path | None, int]:
+    """(checkpoint folder to resume from or ``None``, its step) following ``cfg.resume``."""
+    ckpt: Path | None = None
+    if cfg.resume not in ("auto", "no"):
+        ckpt = Path(cfg.resume)
+        if not (ckpt / "state.json").is_file():
+            raise InputError(ckpt, "not a complete checkpoint folder (no state.json)")
+    elif cfg.resume == "auto":
+        ckpt = latest_checkpoint(cfg.out_dir)
+    if ckpt is None:
+        return None, 0
+    saved_path = ckpt / "config.json"
+    saved, current = json.loads(saved_path.read_text()), config_to_dict(cfg)
+    differ = [k for k in _RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
+    if differ:
+        raise InputError(saved_path, f"cannot resume: the checkpoint was trained with different "
+                                     f"{', '.join(differ)}; use another out_dir or resume=no")
+    return ckpt, int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    """Copy the weights saved by ``save_pretrained`` in ``folder`` into ``model`` (exactly)."""
+    saved = type(model).from_pretrained(folder)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
+
+
+# ----------------------------------------------------------------------------------------- logs
+def _truncate_log(path: Path, after_step: int) -> None:
+    """Drop rows logged after ``after_step`` (work lost by an interruption) from a CSV log."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= after_step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+    os.replace(tmp, path)
+
+
+def _append_row(path: Path, columns: Sequence[str], row: Mapping[str, Any]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in columns})
+
+
+def plot_loss(log_csv: str | Path, png: str | Path) -> Path | None:
+    """Loss (and its running mean) against step from ``log.csv`` to ``png``; ``None`` if no rows."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    log_csv, png = Path(log_csv), Path(png)
+    if not log_csv.is_file():
+        return None
+    with log_csv.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("loss")]
+    if not rows:
+        return None
+    steps = np.array([float(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    smooth = np.array([loss[max(0, i - 9): i + 1].mean() for i in range(len(loss))])
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.95)
+    ax.plot(steps, loss, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label="running mean (10 logs)")
+    if np.all(loss > 0):
+        ax.set_yscale("log")  # plain tick labels: mathtext ones are slow to lay out
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    tmp = png.with_name(f".{png.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+# ---------------------------------------------------------------------------------------- train
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    tier = getattr(getattr(cfg.model, "backbone", None), "tier", None)
+    lr_backbone = cfg.optim.lr_scratch if tier in SCRATCH_TIERS else cfg.optim.lr_backbone
+    groups = []
+    for group in model.parameter_groups(lr_backbone, cfg.optim.lr_new):
+        params = [p for p in group["params"] if p.requires_grad]
+        if params:
+            groups.append({**group, "params": params})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return groups
+
+
+def _default_model_factory() -> Callable[[ModelConfig], nn.Module]:
+    import sdfsmis.models as models
+
+    build = getattr(models, "build", None)
+    if build is None:
+        from sdfsmis.models.io import build_model as build
+    return build
+
+
+def _allow_new_precision(precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    ``mixed_precision``; clear that state (not the distributed set-up) so that several runs with
+    different precisions can follow each other in one process (tests, notebooks)."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    for target in (getattr(model, "unet", None), model):
+        if target is not None and hasattr(target, "enable_gradient_checkpointing"):
+            target.enable_gradient_checkpointing()
+            return
+    log.warning("gradient_checkpointing requested but the model has no UNet that supports it")
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = None,
+          validate: Callable[[nn.Module, int], Mapping[str, float] | None] | None = None,
+          model_factory: Callable[[ModelConfig], nn.Module] | None = None,
+          sampler_factory: Callable[[TrainConfig, torch.device], Any] | None = None) -> Path:
+    """Train ``cfg.model`` on episodes from ``cfg.data``; returns ``out_dir/model``.
+
+    Resumes from the latest checkpoint in ``out_dir`` (``resume="auto"``) or ``cfg.resume``.
+    ``max_steps`` stops after that global step without a final save (an interruption; returns the
+    latest checkpoint folder, or ``out_dir`` if none). ``validate(model, step)`` runs every
+    ``validate_every`` steps on the main process in eval mode without gradients; the floats it
+    returns go to ``validation.csv``. ``model_factory`` (default ``sdfsmis.models.build``) and
+    ``sampler_factory`` (default ``build_sampler``) can be replaced, e.g. in tests.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    if model_factory is None:
+        model_factory = _default_model_factory()
+    if sampler_factory is None:
+        def sampler_factory(c: TrainConfig, d: torch.device) -> MixedSampler:
+            return build_sampler(c, d, progress=progress)
+    out_dir = Path(cfg.out_dir)
+    precision = cfg.mixed_precision if torch.cuda.is_available() else "no"
+    if precision != cfg.mixed_precision:
+        log.info("mixed_precision=%s ignored without a GPU; training in fp32", cfg.mixed_precision)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    _allow_new_precision(precision)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo on CPUs
+        mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+    rank = accelerator.process_index
+    ckpt_root = out_dir / "checkpoints"
+
+    ckpt, start = _resume_point(cfg)
+
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_root.mkdir(exist_ok=True)
+        for stale in [*ckpt_root.glob(".tmp-*"), *out_dir.glob(".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        save_config(cfg, out_dir / "config.json")
+        _truncate_log(out_dir / "log.csv", start)
+        _truncate_log(out_dir / "validation.csv", start)
+    accelerator.wait_for_everyone()
+
+    # model (frozen random parts of test tiers are seeded), optimizer, scheduler
+    torch.manual_seed(cfg.seed)
+    model = model_factory(cfg.model)
+    if ckpt is not None:
+        _load_weights(model, ckpt / "model")
+    size = getattr(model, "image_size", None)
+    if size is not None and size != cfg.episodes.image_size:
+        raise InputError(None, f"episodes.image_size={cfg.episodes.image_size} but the model works "
+                               f"at {size} px: set episodes.image_size={size}")
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    model.to(accelerator.device).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay,
+                                  fused=True if accelerator.device.type == "cuda" else None)
+    scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                              num_training_steps=cfg.iterations)
+    if ckpt is not None:
+        state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        log.info("resuming from %s (step %d)", ckpt, start)
+    loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    stop = cfg.iterations if max_steps is None else min(cfg.iterations, max_steps)
+    accum = cfg.gradient_accumulation_steps
+    sampler = sampler_factory(cfg, accelerator.device if cfg.num_workers == 0
+                              else torch.device("cpu")) if start < stop else None
+    stream = _EpisodeStream(sampler, cfg, rank, start * accum, stop * accum)
+    if cfg.num_workers > 0 and start < stop:
+        batches: Iterator = iter(torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False))
+    else:
+        batches = iter(stream)
+
+    episodes_per_step = cfg.batch_size * accum * accelerator.num_processes
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and main),
+               desc="train", dynamic_ncols=True)
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_start, grad_norm = 0, time.perf_counter(), float("nan")
+    step, started, out_of_time = start, time.perf_counter(), False
+    for step in range(start + 1, stop + 1):
+        for micro in range(accum):
+            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in next(batches).items()}
+            torch.manual_seed(step_seed(cfg.seed, step - 1, rank, micro, 1))
+            with accelerator.accumulate(loss_module):
+                loss = loss_module(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+                    grad_norm = accelerator.clip_grad_norm_(trainable, clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.detach().float() / accum
+        scheduler.step()
+        window_steps += 1
+        bar.update(1)
+
+        out_of_time = _out_of_time(cfg, started, accelerator)
+        if out_of_time:
+            log.info("time limit of %.0f s reached at step %d", cfg.time_limit_s, step)
+            stop = step
+        if step % cfg.log_every == 0 or step == stop:
+            mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
+            seconds = (time.perf_counter() - window_start) / window_steps
+            lr = max(g["lr"] for g in optimizer.param_groups)
+            if main:
+                _append_row(out_dir / "log.csv", LOG_COLUMNS, {
+                    "step": step, "loss": f"{mean_loss:.6g}", "lr": f"{lr:.6g}",
+                    "grad_norm": f"{float(grad_norm):.6g}", "sec_per_step": f"{seconds:.4g}",
+                    "episodes_per_s": f"{episodes_per_step / seconds:.4g}"})
+            bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.2g}")
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+
+        paused = time.perf_counter()  # validation and checkpoints do not count as step time
+        if validate is not None and cfg.validate_every and step % cfg.validate_every == 0:
+            if main:
+                _run_validation(validate, accelerator, loss_module, out_dir, step)
+            accelerator.wait_for_everyone()
+        if step % cfg.checkpoint_every == 0 or step == cfg.iterations or out_of_time:
+            if main:
+                save_checkpoint(out_dir, step, accelerator.unwrap_model(loss_module).model,
+                                optimizer, scheduler, cfg, cfg.keep_checkpoints)
+                plot_loss(out_dir / "log.csv", out_dir / "loss.png")
+            accelerator.wait_for_everyone()
+        window_start += time.perf_counter() - paused
+        if out_of_time:
+            break
+    bar.close()
+
+    if stop < cfg.iterations and not out_of_time:
+        return latest_checkpoint(out_dir) or out_dir
+    final = out_dir / "model"
+    if main:
+        def write(tmp: Path) -> None:
+            accelerator.unwrap_model(loss_module).model.save_pretrained(tmp)
+            save_config(cfg, tmp / "train_config.json")
+
+        _write_dir_atomic(final, write)
+        plot_loss(out_dir / "log.csv", out_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _out_of_time(cfg: TrainConfig, started: float, accelerator: Any) -> bool:
+    """True once ``cfg.time_limit_s`` has passed (on any process, so that all stop together)."""
+    if cfg.time_limit_s <= 0:
+        return False
+    over = time.perf_counter() - started > cfg.time_limit_s
+    if accelerator.num_processes == 1:
+        return over
+    return bool(accelerator.reduce(torch.tensor(float(over), device=accelerator.device), "max").item())
+
+
+def _run_validation(validate: Callable, accelerator: Any, loss_module: nn.Module, out_dir: Path,
+                    step: int) -> None:
+    model = accelerator.unwrap_model(loss_module).model
+    model.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            result = validate(model, step)
+    finally:
+        model.train()
+    if result:
+        row = {"step": step, **{k: f"{float(v):.6g}" for k, v in result.items()}}
+        _append_row(out_dir / "validation.csv", list(row), row)

@@ -1,0 +1,371 @@
+"""Training stage: typed config, checkpoints, exact resume, logs, loss decrease.
+
+The end-to-end tests use the real tiny model and the real episode sampler on a small synthetic
+prepared dataset; the checkpoint-failure, validation and worker tests use a small stand-in model
+with the same methods (faster).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdfsmis import train as T
+from sdfsmis.data.datasets import SPECS
+from sdfsmis.errors import InputError
+
+X = Y = 32  # synthetic volumes: 32 x 32 x Z, the tiny tier's working size
+Z = 6
+H = 16  # stand-in episodes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The machine is shared: one intra-op thread is faster than oversubscribed ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------ synthetic prepared data
+def _volumes(i: int) -> dict[str, np.ndarray]:
+    """Four quadrant supervoxels, 3 slices deep (ids 1-4 then 5-8), each with its own intensity."""
+    x, y, z = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
+    quadrant = (x >= X // 2).astype(np.int32) + 2 * (y >= Y // 2)
+    sv = (1 + quadrant + 4 * (z // 3)).astype(np.int32)
+    rng = np.random.default_rng(i)
+    image = (quadrant / 1.5 - 1.0 + 0.1 * rng.standard_normal((X, Y, Z))).clip(-1, 1)
+    label = np.zeros((X, Y, Z), np.uint8)
+    label[4:14, 4:14, 1:5] = 1  # liver
+    pairs = [(k, s) for k in range(Z - 1) for s in np.unique(sv[:, :, k])
+             if np.any(sv[:, :, k + 1] == s)]
+    return {"image": image.astype(np.float16), "label": label, "body": np.ones((X, Y, Z), bool),
+            "supervoxels": sv, "sv_pairs": np.asarray(pairs, np.int32)}
+
+
+def write_prepared(root: Path, n_scans: int = 5) -> Path:
+    """A prepared-dataset folder in the documented format (docs/architecture.md)."""
+    spec = SPECS["abd-mri"]
+    (root / "scans").mkdir(parents=True)
+    scans = []
+    for i in range(n_scans):
+        v = _volumes(i)
+        np.savez_compressed(root / "scans" / f"{i}.npz", **v)
+        class_slices = {str(lab): np.nonzero((v["label"] == lab).any(axis=(0, 1)))[0].tolist()
+                        for lab in np.unique(v["label"]) if lab}
+        scans.append({"id": str(i), "file": f"scans/{i}.npz", "shape": [X, Y, Z],
+                      "spacing": [1.0, 1.0, 3.0], "affine": np.eye(4).tolist(),
+                      "class_slices": class_slices, "n_supervoxels": int(v["supervoxels"].max()),
+                      "n_sv_pairs": len(v["sv_pairs"])})
+    meta = {"format_version": 1, "dataset": spec.name, "spec": dataclasses.asdict(spec),
+            "source": str(root), "scans": scans,
+            "supervoxels": {"method": "felzenszwalb3d", "min_size": 5000, "sigma": 0.0, "scale": 1.0}}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+def tiny_cfg(out_dir: Path, data: Path | None = None, *extra: str) -> T.TrainConfig:
+    """The real tiny model on the synthetic data: 4 steps, checkpoint every 2, log every step."""
+    return T.load_config(None, [
+        f"out_dir={out_dir}", f"data={data or ''}", "iterations=4", "checkpoint_every=2",
+        "log_every=1", "model.backbone.tier=tiny", "episodes.image_size=32",
+        "episodes.min_mask_px=20", "optim.lr_scratch=1e-3", "optim.lr_new=1e-3", *extra])
+
+
+# ------------------------------------------------------------------------------ stand-in pieces
+class StandIn(nn.Module):
+    """Same methods as the real models: a conv 'backbone' and a 1x1 'new' layer."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.width = width
+        self.backbone = nn.Conv2d(3, width, 3, padding=1)
+        self.new = nn.Conv2d(width, 1, 1)
+
+    def training_loss(self, batch):
+        x = torch.cat([batch["query_images"], batch["support_images"][:, 0],
+                       batch["support_masks"][:, 0]], dim=1)
+        pred = self.new(torch.relu(self.backbone(x)))
+        pred = torch.nn.functional.dropout(pred, 0.1, training=self.training)  # global RNG
+        return torch.nn.functional.mse_loss(pred, batch["query_masks"])
+
+    def parameter_groups(self, lr_backbone, lr_new):
+        return [{"params": list(self.backbone.parameters()), "lr": lr_backbone},
+                {"params": list(self.new.parameters()), "lr": lr_new}]
+
+    def save_pretrained(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
+                  folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"width": self.width}))
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        model = cls(**json.loads((Path(folder) / "config.json").read_text()))
+        model.load_state_dict(load_file(Path(folder) / "model.safetensors"))
+        return model
+
+
+class RandomEpisodes:
+    """Episodes drawn only from the generator."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, offset: float = 0.0):
+        self.offset = offset
+
+    def sample(self, batch_size, generator):
+        img = torch.rand(batch_size, 1, H, H, generator=generator) * 2 - 1
+        sup = torch.rand(batch_size, 1, 1, H, H, generator=generator) * 2 - 1
+        return {"query_images": img + self.offset, "query_masks": (img > 0.2).float(),
+                "support_images": sup, "support_masks": (sup > 0.2).float()}
+
+
+def run_standin(cfg, **kw):
+    return T.train(cfg, progress=False, model_factory=lambda mc: StandIn(),
+                   sampler_factory=lambda c, d: RandomEpisodes(), **kw)
+
+
+def standin_cfg(out_dir: Path, *extra: str) -> T.TrainConfig:
+    return T.load_config(None, [f"out_dir={out_dir}", "iterations=6", "checkpoint_every=2",
+                                "log_every=1", "optim.lr_scratch=1e-2", "optim.lr_new=1e-2",
+                                "model.backbone.tier=tiny", *extra])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_file_and_overrides_are_typed(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"data": ["a", "b"], "iterations": 100,
+                                    "optim": {"lr_new": 1e-4}, "model": {"method": "diffews"}}))
+    cfg = T.load_config(cfg_file, ["optim.weight_decay=0.5", "batch_size=4", "seed=7",
+                                   "gradient_checkpointing=true", "model.backbone.tier=tiny",
+                                   "episodes.shots=3", "optim.betas=[0.8,0.9]", "data=x,y,z",
+                                   "episodes.augment.scale=[1.0,1.1]", "model.backbone.path=null",
+                                   "episodes.organs=liver,spleen", "train_scans=all"])
+    assert cfg.iterations == 100 and cfg.batch_size == 4 and cfg.seed == 7
+    assert cfg.optim.lr_new == 1e-4 and cfg.optim.weight_decay == 0.5
+    assert cfg.optim.lr_backbone == 1e-5 and cfg.optim.grad_clip == 1.0  # paper defaults kept
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.gradient_checkpointing is True
+    assert cfg.model.method == "diffews" and cfg.model.backbone.tier == "tiny"
+    assert cfg.model.backbone.path is None and cfg.train_scans == "all"
+    assert cfg.model.threshold == "relative"  # resolved by ModelConfig
+    assert cfg.episodes.shots == 3 and cfg.episodes.augment.scale == (1.0, 1.1)
+    assert cfg.episodes.organs == ("liver", "spleen")
+    assert [Path(p).name for p in cfg.data] == ["x", "y", "z"] and Path(cfg.data[0]).is_absolute()
+    toml = tmp_path / "c.toml"
+    toml.write_text('iterations = 9\n[optim]\nlr_new = 2e-4\n[episodes]\nfold = 2\n')
+    cfg2 = T.load_config(toml, [])
+    assert cfg2.iterations == 9 and cfg2.optim.lr_new == 2e-4 and cfg2.episodes.fold == 2
+    T.save_config(cfg, tmp_path / "saved.json")  # the resolved config loads back unchanged
+    assert T.config_to_dict(T.load_config(tmp_path / "saved.json")) == T.config_to_dict(cfg)
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = T.TrainConfig()
+    assert (cfg.optim.weight_decay, cfg.optim.lr_backbone, cfg.optim.lr_new) == (1e-2, 1e-5, 5e-5)
+    assert (cfg.batch_size, cfg.iterations, cfg.seed, cfg.optim.grad_clip) == (1, 15000, 42, 1.0)
+    assert cfg.mixed_precision == "bf16" and cfg.optim.schedule == "constant"
+
+
+@pytest.mark.parametrize("override", ["iterations=abc", "nope=1", "optim.lr_new.x=1",
+                                      "mixed_precision=fp16", "batch_size", "batch_size=0",
+                                      "gradient_checkpointing=2", "episodes.mode=other"])
+def test_bad_overrides_raise_input_error(override):
+    with pytest.raises(InputError):
+        T.load_config(None, [override])
+
+
+def test_bad_config_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="bad.json"):
+        T.load_config(bad)
+    with pytest.raises(InputError, match="missing.json"):
+        T.load_config(tmp_path / "missing.json")
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"optim": {"lr": 1}}')
+    with pytest.raises(InputError, match="optim.lr"):
+        T.load_config(unknown)
+
+
+# --------------------------------------------------------------------- end to end, real tiny model
+def test_tiny_model_interrupted_and_resumed_run_is_exact(tmp_path, prepared):
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    final = T.train(tiny_cfg(full_dir, prepared), progress=False)
+    assert final == full_dir / "model"
+    stopped = T.train(tiny_cfg(part_dir, prepared), progress=False, max_steps=3)
+    assert stopped.name == "step_0000002" and not (part_dir / "model").exists()
+    resumed = T.train(tiny_cfg(part_dir, prepared), progress=False)  # resumes from step 2
+    assert same_weights(final, resumed)
+    ck = full_dir / "checkpoints" / "step_0000004"
+    assert same_weights(final, ck / "model")
+    for a, b in [(full_dir / "checkpoints/step_0000002/model", full_dir / "model")]:
+        assert not same_weights(a, b)  # training moved the weights
+    # the final model loads through the predictor's path (save_pretrained format)
+    from sdfsmis.models.io import load_pretrained
+
+    model = load_pretrained(final)
+    assert type(model).__name__ == "SDFSMIS" and model.image_size == 32
+    # layout: checkpoints, pointer, resolved config beside every checkpoint, log, plot
+    assert sorted(p.name for p in (full_dir / "checkpoints").iterdir()) == [
+        "latest", "step_0000002", "step_0000004"]
+    assert (full_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    for name in ("optimizer.pt", "rng.pt", "state.json", "config.json", "model/config.json"):
+        assert (ck / name).is_file(), name
+    assert T.config_to_dict(T.load_config(ck / "config.json")) == \
+        T.config_to_dict(tiny_cfg(full_dir, prepared))
+    opt = torch.load(ck / "optimizer.pt", weights_only=False)
+    assert opt["scheduler"]["last_epoch"] == 4
+    assert {g["name"]: g["lr"] for g in opt["optimizer"]["param_groups"]} == \
+        {"backbone": 1e-3, "new": 1e-3}  # tiny tier: the UNet gets lr_scratch
+    for out in (full_dir, part_dir):
+        with (out / "log.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert list(rows[0]) == list(T.LOG_COLUMNS)
+        assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # lost step 3 logged once
+        assert all(float(r["loss"]) > 0 and float(r["sec_per_step"]) > 0 for r in rows)
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class FixedEpisode:
+    """The same batch at every step."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def sample(self, batch_size, generator):
+        return self.batch
+
+
+def test_tiny_model_loss_decreases_on_a_fixed_episode(tmp_path, prepared):
+    cfg = tiny_cfg(tmp_path / "fixed", prepared, "iterations=8", "checkpoint_every=8")
+    batch = T.build_sampler(cfg, progress=False).sample(2, torch.Generator().manual_seed(0))
+    T.train(cfg, progress=False, sampler_factory=lambda c, d: FixedEpisode(batch))
+    with (tmp_path / "fixed" / "log.csv").open() as fh:
+        loss = [float(r["loss"]) for r in csv.DictReader(fh)]
+    assert len(loss) == 8 and loss[-1] < 0.3 * loss[0]
+
+
+def test_image_size_mismatch_is_refused(tmp_path, prepared):
+    cfg = tiny_cfg(tmp_path / "run", prepared, "episodes.image_size=64")
+    with pytest.raises(InputError, match="image_size"):
+        T.train(cfg, progress=False)
+
+
+# ------------------------------------------------------------------------ stand-in model checks
+def test_failed_checkpoint_leaves_no_partial_folder(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_standin(standin_cfg(out), max_steps=2)
+    assert T.latest_checkpoint(out).name == "step_0000002"
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T, "_rng_state", broken)  # fails after model and optimizer were written
+    with pytest.raises(OSError, match="disk full"):
+        run_standin(standin_cfg(out), max_steps=4)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert T.latest_checkpoint(out).name == "step_0000002"
+
+
+def test_accumulation_workers_and_resume_agree(tmp_path):
+    """Gradient accumulation + DataLoader workers + resume give the uninterrupted weights."""
+    extra = ("gradient_accumulation_steps=2", "batch_size=2", "iterations=4")
+    ref = run_standin(standin_cfg(tmp_path / "ref", *extra))
+    out = tmp_path / "part"
+    run_standin(standin_cfg(out, *extra, "num_workers=1"), max_steps=3)
+    resumed = run_standin(standin_cfg(out, *extra, "keep_checkpoints=1"))
+    assert same_weights(ref, resumed)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000004"]
+
+
+def test_validation_hook_and_resume_config_check(tmp_path):
+    out = tmp_path / "run"
+    seen = []
+
+    def validate(model, step):
+        assert not model.training and not torch.is_grad_enabled()
+        seen.append(step)
+        return {"dice": 0.5}
+
+    run_standin(standin_cfg(out, "validate_every=2", "iterations=4", "checkpoint_every=4"),
+                validate=validate)
+    assert seen == [2, 4]
+    with (out / "validation.csv").open() as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["2", "4"]
+    with pytest.raises(InputError, match="seed"):
+        run_standin(standin_cfg(out, "seed=1", "iterations=4"))
+
+
+def test_mixed_sampler_is_seeded_and_mixes():
+    mixed = T.MixedSampler([RandomEpisodes(0.0), RandomEpisodes(10.0)])
+    a = mixed.sample(16, torch.Generator().manual_seed(3))
+    b = mixed.sample(16, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    high = (a["query_images"].flatten(1).mean(1) > 5).sum().item()
+    assert 0 < high < 16 and a["support_images"].shape == (16, 1, 1, H, H)
+    assert T.step_seed(42, 1) != T.step_seed(42, 2) and T.step_seed(42, 1) == T.step_seed(42, 1)
+
+
+def test_resume_from_an_explicit_checkpoint_into_a_new_folder(tmp_path):
+    first = run_standin(standin_cfg(tmp_path / "a", "iterations=4"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"
+    again = run_standin(standin_cfg(tmp_path / "b", "iterations=4", f"resume={ckpt}"))
+    assert same_weights(first, again)
+    with (tmp_path / "b" / "log.csv").open() as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["3", "4"]
+    with pytest.raises(InputError, match="no state.json"):
+        run_standin(standin_cfg(tmp_path / "c", f"resume={tmp_path / 'nowhere'}"))
+
+
+def test_build_sampler_over_several_datasets(prepared):
+    cfg = tiny_cfg(Path("unused"), prepared)
+    cfg.data = [str(prepared), str(prepared)]
+    fold = T.build_sampler(cfg, progress=False)
+    assert [s.train_ids for s in fold.samplers] == [["2", "3", "4"]] * 2  # outside fold 0
+    cfg.train_scans = "all"
+    everything = T.build_sampler(cfg, progress=False)
+    assert everything.samplers[0].train_ids == ["0", "1", "2", "3", "4"]
+    batch = everything.sample(3, torch.Generator().manual_seed(0))
+    assert batch["support_masks"].shape == (3, 1, 1, X, Y)
+    assert batch["query_images"].min() >= -1 and batch["query_images"].max() <= 1
+    with pytest.raises(InputError, match="no training data"):
+        T.build_sampler(T.load_config(None, []), progress=False)
+
+
+def test_time_limit_stops_with_a_checkpoint_and_a_final_model(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 10))  # every perf_counter() call advances 10 s
+    monkeypatch.setattr(T.time, "perf_counter", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    final = run_standin(standin_cfg(out, "iterations=100", "checkpoint_every=50", "time_limit_s=45"))
+    assert final == out / "model" and (final / "model.safetensors").is_file()
+    step = T.latest_checkpoint(out)
+    assert step is not None and 1 <= int(step.name.split("_")[1]) < 100
+    with (out / "log.csv").open() as fh:
+        assert int(list(csv.DictReader(fh))[-1]["step"]) == int(step.name.split("_")[1])
