@@ -1,0 +1,66 @@
+"""The bundled demo: its CHAOS assets are valid NIfTI pairs, and it runs end to end (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from sdfsmis import demo as D
+from sdfsmis import predict as P
+from sdfsmis.data.nifti import check_pair, load_volume
+from sdfsmis.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from sdfsmis.models.backbones import BackboneConfig
+    from sdfsmis.models.config import ModelConfig
+    from sdfsmis.models.io import build_model, save_pretrained
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny", seed=0)))
+    return save_pretrained(model, tmp_path_factory.mktemp("tiny-model"))
+
+
+def test_demo_assets_are_valid_and_small():
+    files = D.demo_files()
+    total = sum(p.stat().st_size for p in D.DEMO_DIR.iterdir())
+    assert total < 5 * 2**20
+    for image_key, label_key in (("support_image", "support_mask"), ("query", "query_label")):
+        image = load_volume(files[image_key], "image")
+        label = load_volume(files[label_key], "label")
+        check_pair(image, label)
+        assert image.shape[:2] == (256, 256) and 20 <= image.shape[2] <= 60
+        assert set(np.unique(label.array).tolist()) == {0, 1, 2, 3, 4}
+        assert np.allclose(image.spacing, (1.25, 1.25, 7.7), atol=0.01)
+    text = (D.DEMO_DIR / "ATTRIBUTION.md").read_text()
+    for needed in ("CHAOS", "Kavur", "Medical Image Analysis", "2021", "CC BY-SA 4.0", "Changes"):
+        assert needed in text
+
+
+def test_demo_runs_end_to_end(tiny_model, tmp_path, capsys):
+    torch.set_num_threads(1)
+    report = D.run_demo(tmp_path / "demo", checkpoint=tiny_model, labels=[2], progress=False)
+    out = capsys.readouterr().out
+    assert set(report["dice"]) == {"right kidney"}
+    value = report["dice"]["right kidney"]
+    assert isinstance(value, float) and 0.0 <= value <= 1.0
+    for key in ("segmentation", "overlay", "summary", "dice_file"):
+        assert Path(report[key]).is_file() and report[key] in out
+    seg = nib.load(report["segmentation"])
+    query = nib.load(D.demo_files()["query"])
+    assert seg.shape == query.shape and np.allclose(seg.affine, query.affine)
+    assert json.loads(Path(report["dice_file"]).read_text())["dice"] == report["dice"]
+    assert "Dice right kidney" in out
+
+
+def test_demo_without_a_bundled_model_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", tmp_path / "no-model")
+    with pytest.raises(InputError, match="no trained default model is bundled yet"):
+        D.run_demo(tmp_path / "demo", progress=False, verbose=False)
+    assert list((tmp_path / "demo").iterdir()) == []
