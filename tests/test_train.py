@@ -369,3 +369,29 @@ def test_time_limit_stops_with_a_checkpoint_and_a_final_model(tmp_path, monkeypa
     assert step is not None and 1 <= int(step.name.split("_")[1]) < 100
     with (out / "log.csv").open() as fh:
         assert int(list(csv.DictReader(fh))[-1]["step"]) == int(step.name.split("_")[1])
+
+
+def test_cached_latents_give_the_same_batches_and_loss(prepared):
+    """LatentCache returns what the model would compute from the sampler's images, and memoises masks."""
+    from sdfsmis.latents import LatentCache
+    from sdfsmis.models import build
+
+    cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true")
+    torch.manual_seed(0)
+    model = build(cfg.model).eval()
+    cached = T.build_sampler(cfg, progress=False, model=model).samplers[0]
+    plain = T.build_sampler(dataclasses.replace(cfg, cache_latents=False), progress=False).samplers[0]
+    assert isinstance(cached, LatentCache)
+    a = cached.sample(4, torch.Generator().manual_seed(5))
+    b = plain.sample(4, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(a["query_latents"].float(), model.encode_images(b["query_images"]), atol=1e-2)
+        assert torch.allclose(a["query_mask_latents"].float(), model.encode_masks(b["query_masks"]), atol=1e-2)
+        assert torch.equal(a["support_masks"], b["support_masks"])
+        assert torch.allclose(model.training_loss(a), model.training_loss(b), rtol=1e-2)
+    seen = cached.cached_masks
+    assert 0 < seen <= 8  # 4 episodes x (query + support)
+    cached.sample(4, torch.Generator().manual_seed(5))
+    assert cached.cached_masks == seen  # the same episodes encode nothing new
+    with pytest.raises(InputError, match="augment_which=none"):
+        T.build_sampler(tiny_cfg(Path("unused"), prepared, "cache_latents=true"), progress=False, model=model)

@@ -99,7 +99,10 @@ class TrainConfig:
     ``mixed_precision="bf16"`` autocasts on a GPU and is ignored on the CPU. ``num_workers > 0``
     draws episodes in DataLoader worker processes (with a CPU sampler). ``time_limit_s > 0`` ends
     training after that many seconds of this process (checkpoint and final model at the step
-    reached; the learning-rate schedule still follows ``iterations``).
+    reached; the learning-rate schedule still follows ``iterations``). ``cache_latents`` feeds the
+    model cached encodings of its frozen encoders (``sdfsmis.latents``; needs
+    ``episodes.augment_which=none`` and ``num_workers=0``): much faster where encoding dominates,
+    e.g. on a CPU.
     """
 
     data: list[str] = field(default_factory=list)
@@ -122,6 +125,7 @@ class TrainConfig:
     num_workers: int = 0
     resume: str = "auto"
     time_limit_s: float = 0.0
+    cache_latents: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "iterations", "checkpoint_every",
@@ -130,6 +134,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.validate_every < 0 or self.time_limit_s < 0:
             raise ValueError("num_workers, validate_every and time_limit_s must be >= 0")
+        if self.cache_latents and self.num_workers:
+            raise ValueError("cache_latents needs num_workers=0 (the cache lives beside the model)")
 
 
 #: Sections that must match when resuming from a checkpoint written by another config.
@@ -345,9 +351,10 @@ class MixedSampler:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu",
-                  progress: bool = True) -> MixedSampler:
-    """One episode sampler per prepared dataset in ``cfg.data``, mixed uniformly."""
+def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu", progress: bool = True,
+                  model: nn.Module | None = None) -> MixedSampler:
+    """One episode sampler per prepared dataset in ``cfg.data``, mixed uniformly; with
+    ``cfg.cache_latents``, each yields cached encodings of ``model``'s frozen encoders."""
     from sdfsmis.data.episodes import EpisodeSampler
     from sdfsmis.data.prepared import PreparedDataset
 
@@ -360,6 +367,12 @@ def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu",
         if cfg.train_scans == "all":
             episodes = dataclasses.replace(episodes, train_scan_ids=tuple(dataset.scan_ids))
         samplers.append(EpisodeSampler(dataset, episodes, device=device, progress=progress))
+    if cfg.cache_latents:
+        from sdfsmis.latents import LatentCache
+
+        if model is None:
+            raise ValueError("cache_latents needs the model whose encoders fill the cache")
+        samplers = [LatentCache(s, model, progress=progress) for s in samplers]
     return MixedSampler(samplers)
 
 
@@ -643,7 +656,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
         model_factory = _default_model_factory()
     if sampler_factory is None:
         def sampler_factory(c: TrainConfig, d: torch.device) -> MixedSampler:
-            return build_sampler(c, d, progress=progress)
+            return build_sampler(c, d, progress=progress, model=model)  # the model built below
     out_dir = Path(cfg.out_dir)
     precision = cfg.mixed_precision if torch.cuda.is_available() else "no"
     if precision != cfg.mixed_precision:

@@ -413,10 +413,10 @@ class EpisodeSampler:
         rng = np.random.default_rng(_state_seed(gen))
         return [self._draw(rng) for _ in range(batch_size)]
 
-    def render(self, episodes: Sequence[Episode], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Tensors of ``episodes`` on the sampler's device (keys and shapes: :meth:`sample`)."""
-        gen = self._generator if generator is None else generator
-        b, k, s = len(episodes), self.config.shots, self.config.image_size
+    def episode_rows(self, episodes: Sequence[Episode]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slice index (into :attr:`slice_images`), target id and augmentation flag of every image
+        of ``episodes``, int64/int64/bool ``[B(1+K)]``: the B queries, then each episode's K supports."""
+        b, k = len(episodes), self.config.shots
         index = np.empty(b * (k + 1), np.int64)
         target = np.empty(b * (k + 1), np.int64)
         flags = np.empty(b * (k + 1), bool)
@@ -426,10 +426,27 @@ class EpisodeSampler:
             rows = slice(b + i * k, b + (i + 1) * k)
             index[rows] = self._offsets[ep.support_scan_id] + np.asarray(ep.support_z)
             target[rows], flags[rows] = ep.target, ep.augmented[1:]
+        return index, target, flags
+
+    @property
+    def slice_images(self) -> Tensor:
+        """float16 ``[N, S, S]``: every slice of the training scans, resized, in [-1, 1]."""
+        return self._images
+
+    def masks(self, index: np.ndarray, target: np.ndarray) -> Tensor:
+        """float ``[M, 1, S, S]`` in {0, 1}: slice ``index[i]`` == id ``target[i]`` (supervoxel or label)."""
+        index_t = torch.from_numpy(np.asarray(index, np.int64)).to(self.device, non_blocking=True)
+        target_t = torch.from_numpy(np.asarray(target, np.int64)).to(self.device, non_blocking=True)
+        return (self._targets[index_t] == target_t.to(self._targets.dtype)[:, None, None]).float()[:, None]
+
+    def render(self, episodes: Sequence[Episode], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Tensors of ``episodes`` on the sampler's device (keys and shapes: :meth:`sample`)."""
+        gen = self._generator if generator is None else generator
+        b, k, s = len(episodes), self.config.shots, self.config.image_size
+        index, target, flags = self.episode_rows(episodes)
         index_t = torch.from_numpy(index).to(self.device, non_blocking=True)
-        target_t = torch.from_numpy(target).to(self.device, non_blocking=True).to(self._targets.dtype)
         images = self._images[index_t].float()[:, None]  # [B(1+K), 1, S, S]
-        masks = (self._targets[index_t] == target_t[:, None, None]).float()[:, None]
+        masks = self.masks(index, target)
         chosen = np.nonzero(flags)[0]
         if len(chosen):
             chosen_t = torch.from_numpy(chosen).to(self.device, non_blocking=True)

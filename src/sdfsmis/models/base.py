@@ -220,6 +220,7 @@ class FewShotSegmenter(LatentSegmenter):
             return self.encode_episode(batch["query_images"], batch["support_images"], batch["support_masks"])
         masks = _as_support(batch["support_masks"], "support_masks").float()
         feats = batch.get("support_features")
+        feats = None if feats is None else feats.float()
         if self.uses_features and feats is None:
             imgs = _as_support(batch["support_images"], "support_images")
             feats = self.image_encoder.features(imgs.flatten(0, 1).float()).float().unflatten(0, imgs.shape[:2])
