@@ -16,17 +16,6 @@ from sdfsmis.data.nifti import check_pair, load_volume
 from sdfsmis.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from sdfsmis.models.backbones import BackboneConfig
-    from sdfsmis.models.config import ModelConfig
-    from sdfsmis.models.io import build_model, save_pretrained
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny", seed=0)))
-    return save_pretrained(model, tmp_path_factory.mktemp("tiny-model"))
-
-
 def test_demo_assets_are_valid_and_small():
     files = D.demo_files()
     total = sum(p.stat().st_size for p in D.DEMO_DIR.iterdir())

@@ -34,17 +34,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from sdfsmis.models.backbones import BackboneConfig
-    from sdfsmis.models.config import ModelConfig
-    from sdfsmis.models.io import build_model, save_pretrained
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny", seed=0)))
-    return save_pretrained(model, tmp_path_factory.mktemp("tiny-model"))
-
-
 # ---------------------------------------------------------------------------- synthetic scans
 def _ras_affine() -> np.ndarray:
     aff = np.diag([*ZOOMS, 1.0])
@@ -439,3 +428,23 @@ def test_bad_options_are_input_errors(kw, scans, tmp_path, tiny_model):
         P.predict(scans["support"], scans["mask"], scans["query"], tmp_path / "o.nii.gz", checkpoint=tiny_model,
                   progress=False, **kw)
     assert not list(tmp_path.glob("o.*"))
+
+
+def test_cli_predict_writes_outputs_and_reports_bad_input(scans, tiny_model, tmp_path, capsys):
+    from sdfsmis.cli import main
+
+    out = tmp_path / "cli" / "pred.nii.gz"
+    (tmp_path / "cli").mkdir()
+    args = ["-q", "predict", "--support-image", str(scans["support"]), "--support-mask", str(scans["mask"]),
+            "--query", str(scans["query"]), "--out", str(out), "--checkpoint", str(tiny_model),
+            "--chunks", "2", "--min-area", "0", "--all-slices"]
+    assert main(args) == 0
+    assert out.is_file() and out.with_suffix("").with_suffix(".json").is_file()
+    assert nib.load(str(out)).shape == nib.load(str(scans["query"])).shape
+    bad = tmp_path / "cli" / "bad.nii.gz"
+    args[args.index("--query") + 1] = str(tmp_path / "missing.nii.gz")
+    args[args.index("--out") + 1] = str(bad)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "missing.nii.gz" in err and "error" in err
+    assert not bad.exists()

@@ -69,6 +69,7 @@ def _predict(args: argparse.Namespace) -> None:
         Path(args.support_image), Path(args.support_mask), Path(args.query), Path(args.out),
         labels=args.labels, shots=args.shots, checkpoint=args.checkpoint, device=args.device,
         batch_size=args.batch_size, overlay=not args.no_overlay, progress=not args.quiet,
+        z_margin=None if args.all_slices else args.z_margin, min_area_mm2=args.min_area, chunks=args.chunks,
     )
     print(result)
 
@@ -76,7 +77,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device)
+    run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
+             progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train SD-FSMIS, DiffewS or SDSeg")
     t.add_argument("--config", default=None, help="JSON or TOML training config")
-    t.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.iterations=2000 model.method=diffews")
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. iterations=2000 model.method=diffews "
+                                                   "resume=runs/x/checkpoints/step_0001000")
     t.set_defaults(func=_train)
 
     r = sub.add_parser("predict", help="segment the support's organs in a query scan (NIfTI in, NIfTI out)")
@@ -121,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--chunks", type=int, default=3, help="chunks of each organ's z-extent (protocol: 3)")
+    r.add_argument("--z-margin", type=float, default=0.2,
+                   help="widening of the organ's mapped z-range, as a fraction of the query's body extent")
+    r.add_argument("--all-slices", action="store_true", help="consider every query slice (no z-range)")
+    r.add_argument("--min-area", type=float, default=50.0, help="smallest kept area of a predicted slice, mm^2")
     r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
     r.set_defaults(func=_predict)
 
@@ -128,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="sdfsmis-demo", help="output folder")
     d.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
     d.add_argument("--device", default="cpu")
+    d.add_argument("--batch-size", type=int, default=16)
     d.set_defaults(func=_demo)
     return parser
 
