@@ -1,6 +1,6 @@
 """How well the frozen TAESD autoencoder reconstructs medical slices and organ masks.
 
-    python benchmarks/vae_check.py --data /work/shared/data/abd-mri --slices 64
+    python benchmarks/vae_check.py --data DATA/abd-mri --slices 64
 
 Reads ``image_<id>.nii.gz`` / ``label_<id>.nii.gz`` pairs, normalises each volume by the protocol
 rule (z-score, clip to the 0.5 / 99.5 percentiles, map to [-1, 1]), draws ``--slices`` slices that
@@ -123,7 +123,7 @@ def markdown_table(rows: dict[str, dict[str, np.ndarray]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data/abd-mri"),
+    p.add_argument("--data", type=Path, required=True,
                    help="folder of image_<id>.nii.gz / label_<id>.nii.gz")
     p.add_argument("--slices", type=int, default=64, help="number of slices (each gives its organ masks)")
     p.add_argument("--size", type=int, default=256, help="working size (a multiple of 8)")
