@@ -102,6 +102,18 @@ def test_fast_path_survives_round_trip(tmp_path):
         DiffewS.from_pretrained(tmp_path)
 
 
+def test_half_precision_save_loads_as_float32(tmp_path):
+    model = build(ModelConfig(backbone=BackboneConfig(tier="tiny", seed=0))).eval()
+    _perturb(model)
+    save_pretrained(model, tmp_path, dtype=torch.float16)
+    assert {v.dtype for v in load_file(tmp_path / WEIGHTS_NAME).values() if v.is_floating_point()} == {torch.float16}
+    loaded = load_pretrained(tmp_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    q, s, m = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(q, s, m), model(q, s, m), atol=2e-2, rtol=0)
+
+
 def test_frozen_external_modules_are_not_saved(tmp_path):
     """compact tier: the packaged TAESD and its feature encoder are rebuilt from the config."""
     small = {k: v for k, v in unet_config("tiny").items() if k != "sample_size"}

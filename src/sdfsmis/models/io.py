@@ -65,12 +65,16 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created); returns it."""
+def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created); returns it.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type, halving the file
+    for shipping; ``load_pretrained`` casts them back to the model's float32."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     keep = _saved_keys_filter(model)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items() if keep(k)}
+    state = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in model.state_dict().items() if keep(k)}
     meta = {"format": "pt", "sdfsmis_version": __version__, "method": model.config.method}
     _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
     text = json.dumps(model.config.to_dict(), indent=2) + "\n"

@@ -1,0 +1,57 @@
+"""Copy a trained model into the package as the bundled default (float16 weights, <= 25 MB).
+
+    python scripts/ship_model.py runs/cpu-abd-mri-f0 --note "how it was trained, measured results"
+
+Reads ``RUN/model`` (written by ``sdfsmis train``), writes ``src/sdfsmis/assets/model/`` with
+``model.safetensors`` (float16; loading casts back to float32), ``config.json``,
+``train_config.json`` and a ``README.md`` holding the training command, the config and ``--note``.
+The folder is built beside the target and renamed, so a failure leaves the old model in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from sdfsmis.models.io import WEIGHTS_NAME, load_pretrained, save_pretrained
+
+TARGET = Path(__file__).resolve().parents[1] / "src" / "sdfsmis" / "assets" / "model"
+MAX_BYTES = 25 * 1024 * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a training run folder (with model/ and config.json)")
+    ap.add_argument("--note", default="", help="text for the model's README (results, hardware)")
+    ap.add_argument("--command", default=None, help="the training command (default: from the run's config)")
+    args = ap.parse_args()
+
+    src = args.run / "model"
+    model = load_pretrained(src)
+    tmp = TARGET.with_name(".model-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, dtype=torch.float16)
+    size = (tmp / WEIGHTS_NAME).stat().st_size
+    if size > MAX_BYTES:
+        shutil.rmtree(tmp)
+        sys.exit(f"{src}: {size / 2**20:.1f} MiB of weights, more than the 25 MiB a bundled model may have")
+    train_cfg = json.loads((args.run / "config.json").read_text())
+    (tmp / "train_config.json").write_text(json.dumps(train_cfg, indent=1) + "\n")
+    command = args.command or f"sdfsmis train --config {args.run / 'config.json'}"
+    (tmp / "README.md").write_text(
+        "# Bundled default model\n\n"
+        f"Made by `python scripts/ship_model.py {args.run}` from a run of\n\n```bash\n{command}\n```\n\n"
+        f"Weights: float16 ({size / 2**20:.1f} MiB); the training config is `train_config.json`.\n\n"
+        f"{args.note}\n")
+    shutil.rmtree(TARGET, ignore_errors=True)
+    tmp.rename(TARGET)
+    print(f"bundled model written to {TARGET} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
