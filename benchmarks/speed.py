@@ -169,7 +169,6 @@ def inference(model, args) -> dict:
         out["fast"]["single_slice_cold_ms"] = 1000 * statistics.median(timed(cold, dev, args.repeat * 3, warmup=3))
     inter = (got * ref).sum().item()
     out["agreement_dice"] = 2 * inter / max(got.sum().item() + ref.sum().item(), 1)
-    del fast
     return out
 
 
@@ -208,7 +207,6 @@ def train_step_times(model, args, fast: bool) -> dict:
     reset_peak(dev)
     t = timed(step, dev, args.repeat * 3, warmup=3)
     res = {"step_ms": 1000 * statistics.median(t), "peak_mb": peak_mb(dev)}
-    del m, opt
     return res
 
 

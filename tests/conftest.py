@@ -18,3 +18,9 @@ def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny", seed=0)))
     return save_pretrained(model, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite runs two tests at a time (pytest -n 2): one intra-op thread each."""
+    torch.set_num_threads(1)

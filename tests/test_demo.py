@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from sdfsmis import demo as D
 from sdfsmis import predict as P
@@ -33,7 +32,6 @@ def test_demo_assets_are_valid_and_small():
 
 
 def test_demo_runs_end_to_end(tiny_model, tmp_path, capsys):
-    torch.set_num_threads(1)
     report = D.run_demo(tmp_path / "demo", checkpoint=tiny_model, labels=[2], progress=False)
     out = capsys.readouterr().out
     assert set(report["dice"]) == {"right kidney"}

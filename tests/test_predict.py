@@ -25,15 +25,6 @@ SHAPE = (20, 24, 8)  # X, Y, Z of the synthetic scans
 ZOOMS = (1.5, 1.25, 4.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread is faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- synthetic scans
 def _ras_affine() -> np.ndarray:
     aff = np.diag([*ZOOMS, 1.0])

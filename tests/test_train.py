@@ -27,15 +27,6 @@ Z = 6
 H = 16  # stand-in episodes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread is faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------ synthetic prepared data
 def _volumes(i: int) -> dict[str, np.ndarray]:
     """Four quadrant supervoxels, 3 slices deep (ids 1-4 then 5-8), each with its own intensity."""

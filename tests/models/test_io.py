@@ -16,14 +16,6 @@ from sdfsmis.models.io import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_p
 from sdfsmis.models.sdfsmis import SDFSMIS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(k: int = 2, size: int = 32):
     g = torch.Generator().manual_seed(0)
     q = torch.rand(2, 1, size, size, generator=g) * 2 - 1

@@ -18,14 +18,6 @@ from sdfsmis.models.sdseg import SDSeg
 S = 32  # tiny-tier image size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(method: str = "sdfsmis", **kw):
     return build(ModelConfig(method=method, backbone=BackboneConfig(tier="tiny", seed=0), **kw)).eval()
 

@@ -24,14 +24,6 @@ from sdfsmis.models.processors import (
 DIM, HEADS, CROSS, L = 8, 2, 6, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _block(seed: int = 0) -> BasicTransformerBlock:
     torch.manual_seed(seed)
     block = BasicTransformerBlock(DIM, HEADS, DIM // HEADS, cross_attention_dim=CROSS)

@@ -6,3 +6,8 @@ from sdfsmis.models.vae import FrozenVAE, load_autoencoder_kl, load_taesd
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.io import build_model as build
 from sdfsmis.models.io import load_pretrained, save_pretrained
+
+__all__ = [
+    "Backbone", "BackboneConfig", "FrozenVAE", "ModelConfig", "build", "build_backbone", "load_autoencoder_kl",
+    "load_pretrained", "load_taesd", "masked_average", "save_pretrained", "widen_conv_in",
+]
