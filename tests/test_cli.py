@@ -21,3 +21,18 @@ def test_bad_input_exits_2_with_the_name(argv, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"sdfsmis {argv[0]}: error:") and needle in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_table_combines_summaries(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    summary = Path(__file__).resolve().parents[1] / "results" / "baseline" / "abd-mri" / "summary.json"
+    other = json.loads(summary.read_text())
+    other["method"], other["setting"] = "another method", "1"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["table", str(summary), str(tmp_path / "other.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| TAESD prototype (training-free) |" in out and "| another method | 1 |" in out
+    assert main(["table", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err

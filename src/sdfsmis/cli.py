@@ -2,6 +2,7 @@
 
     sdfsmis prepare   SOURCE --dataset NAME --out DIR        (sdfsmis.data.prepare.prepare_dataset)
     sdfsmis evaluate  PREPARED --method baseline|CKPT --out DIR  (sdfsmis.evaluation.report.run_evaluation)
+    sdfsmis table     SUMMARY.json ...                       (sdfsmis.evaluation.report.combine_summaries)
     sdfsmis train     --config FILE [key=value ...]          (sdfsmis.train.train)
     sdfsmis predict   --support-image S --support-mask M --query Q --out OUT  (sdfsmis.predict.predict)
     sdfsmis demo      [--out DIR]                            (sdfsmis.demo.run_demo)
@@ -47,11 +48,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.report import run_evaluation
 
     predictor = make_predictor(args.method, args.device, args.batch_size)
+    if args.label:
+        predictor.name = args.label
     summary = run_evaluation(
         predictor, Path(args.prepared), Path(args.out), folds=tuple(args.folds), support=args.support,
-        shots=args.shots, n_chunks=args.chunks, progress=not args.quiet,
+        shots=args.shots, n_chunks=args.chunks, progress=not args.quiet, setting=args.setting,
     )
     print(summary)
+
+
+def _table(args: argparse.Namespace) -> None:
+    from .evaluation.report import combine_summaries
+
+    print(combine_summaries(args.summaries))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -106,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunks", type=int, default=3, help="chunks of the organ's slices (protocol: 3)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--label", default=None, help="method name in the tables (default: the predictor's)")
+    e.add_argument("--setting", default="", help="setting label in the tables, e.g. 1 or 2")
     e.set_defaults(func=_evaluate)
+
+    tb = sub.add_parser("table", help="one Markdown table from several evaluation summary.json files")
+    tb.add_argument("summaries", nargs="+", help="summary.json files written by 'sdfsmis evaluate'")
+    tb.set_defaults(func=_table)
 
     t = sub.add_parser("train", help="train SD-FSMIS, DiffewS or SDSeg")
     t.add_argument("--config", default=None, help="JSON or TOML training config")
