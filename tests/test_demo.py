@@ -51,3 +51,14 @@ def test_demo_without_a_bundled_model_says_so(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="no trained default model is bundled yet"):
         D.run_demo(tmp_path / "demo", progress=False, verbose=False)
     assert list((tmp_path / "demo").iterdir()) == []
+
+
+def test_bundled_model_loads_on_the_cpu_and_is_small():
+    from sdfsmis.models.io import load_pretrained
+
+    folder = P.DEFAULT_MODEL_DIR
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert "sdfsmis train" in (folder / "README.md").read_text()
+    model = load_pretrained(folder)
+    assert model.config.method == "sdfsmis" and model.config.backbone.tier == "compact"
+    assert not any(p.is_cuda for p in model.parameters())
