@@ -48,8 +48,12 @@ def main() -> None:
         f"Made by `python scripts/ship_model.py {args.run}` from a run of\n\n```bash\n{command}\n```\n\n"
         f"Weights: float16 ({size / 2**20:.1f} MiB); the training config is `train_config.json`.\n\n"
         f"{args.note}\n")
-    shutil.rmtree(TARGET, ignore_errors=True)
+    old = TARGET.with_name(".model-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if TARGET.exists():
+        TARGET.rename(old)
     tmp.rename(TARGET)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"bundled model written to {TARGET} ({size / 2**20:.1f} MiB)")
 
 
