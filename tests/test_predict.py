@@ -439,3 +439,17 @@ def test_cli_predict_writes_outputs_and_reports_bad_input(scans, tiny_model, tmp
     err = capsys.readouterr().err
     assert "missing.nii.gz" in err and "error" in err
     assert not bad.exists()
+
+
+def test_predictions_stay_inside_the_query_body(scans, tiny_model, tmp_path, monkeypatch):
+    """A query slice without body (all at the volume's minimum) keeps no prediction, although the
+    model marks it when the body mask is switched off."""
+    q_img, _ = _scan(1)
+    q_img[:, :, 0] = q_img.min()
+    query = _save(scans["dir"] / "blank0.nii.gz", q_img, _ras_affine())
+    kw = {"query": query, "z_margin": None}
+    with_body = np.asarray(nib.load(_run(scans, tmp_path / "a.nii.gz", tiny_model, **kw).segmentation).dataobj)
+    monkeypatch.setattr(P, "body_mask", lambda image: np.ones(image.shape, bool))
+    no_body = np.asarray(nib.load(_run(scans, tmp_path / "b.nii.gz", tiny_model, **kw).segmentation).dataobj)
+    assert no_body[:, :, 0].any() and not with_body[:, :, 0].any()
+    assert np.all((with_body == no_body) | (with_body == 0))  # the mask only removes
