@@ -386,3 +386,23 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
     assert cached.cached_masks == seen  # the same episodes encode nothing new
     with pytest.raises(InputError, match="augment_which=none"):
         T.build_sampler(tiny_cfg(Path("unused"), prepared, "cache_latents=true"), progress=False, model=model)
+
+
+def test_latent_cache_derives_taesd_latents_from_the_vtct_features():
+    """With TAESD and its trunk as VTCT encoder (compact tier), the cache computes the trunk once: the
+    latents are the encoder's last layer on the features, equal to encode_images. Other pairs
+    (the tiny tier: KL VAE, DINOv2) encode twice."""
+    from sdfsmis.latents import LatentCache
+    from sdfsmis.models import build
+    from sdfsmis.models.config import BackboneConfig, ModelConfig
+
+    def head(model):
+        cache = LatentCache.__new__(LatentCache)
+        cache.model = model
+        return cache._latent_head()
+
+    compact = build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="compact", image_size=64))).eval()
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(head(compact)(compact.image_encoder.features(x)), compact.encode_images(x))
+    assert head(build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny")))) is None

@@ -53,14 +53,32 @@ class LatentCache:
             images = self.sampler.slice_images
             out: dict[str, list[Tensor]] = {"latents": [], "features": []}
             uses_features = getattr(self.model, "uses_features", False)
+            head = self._latent_head() if uses_features else None
             for i in tqdm(range(0, len(images), self.chunk), desc="encoding training slices",
                           disable=not self.progress):
                 x = images[i: i + self.chunk].float()[:, None]
-                out["latents"].append(self._encode(self.model.encode_images, x))
                 if uses_features:
                     out["features"].append(self._encode(self.model.image_encoder.features, x))
+                if head is not None:  # the latents are the last layer of the same trunk
+                    out["latents"].append(self._encode(head, out["features"][-1]))
+                else:
+                    out["latents"].append(self._encode(self.model.encode_images, x))
             self._slices = {k: torch.cat(v) for k, v in out.items() if v}
         return self._slices
+
+    def _latent_head(self) -> nn.Module | None:
+        """The TAESD encoder's last layer when the VTCT features are its trunk with the same weights
+        (``VAEFeatureEncoder``): the latents are then that layer applied to the features, which
+        saves a second pass of the trunk. ``None`` otherwise."""
+        vae, enc = self.model.vae, self.model.image_encoder
+        if vae.kind != "taesd" or getattr(enc, "kind", None) != "taesd":
+            return None
+        layers = vae.model.encoder.layers
+        ours, theirs = enc.trunk.state_dict(), layers[:-1].state_dict()
+        if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+            return None
+        head = layers[-1]
+        return lambda feats: head(feats.to(head.weight.dtype)).float()
 
     def mask_latents(self, index: np.ndarray, target: np.ndarray) -> Tensor:
         """float16 ``[M, 4, h, w]``: latents of the masks ``(index[i], target[i])``, encoding new ones."""
