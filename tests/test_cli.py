@@ -12,6 +12,8 @@ from sdfsmis.cli import main
     (["prepare", "{tmp}", "--dataset", "no-such-dataset", "--out", "{tmp}/out"], "no-such-dataset"),
     (["evaluate", "{tmp}/nowhere", "--out", "{tmp}/out"], "nowhere"),
     (["evaluate", "{tmp}", "--method", "{tmp}/no-model", "--out", "{tmp}/out"], "no-model"),
+    (["evaluate", "{tmp}", "--method", "{tmp}/run-f{fold}/model", "--folds", "3", "--out", "{tmp}/out"],
+     "run-f3"),
     (["train", "--config", "{tmp}/missing.json"], "missing.json"),
     (["train", "no_such_key=1"], "no_such_key"),
 ])

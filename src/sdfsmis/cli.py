@@ -47,9 +47,12 @@ def make_predictor(method: str, device: str, batch_size: int):
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.report import run_evaluation
 
-    predictor = make_predictor(args.method, args.device, args.batch_size)
-    if args.label:
-        predictor.name = args.label
+    if "{fold}" in args.method:  # one model per fold (cross-validation)
+        predictor = {f: make_predictor(args.method.format(fold=f), args.device, args.batch_size) for f in args.folds}
+    else:
+        predictor = make_predictor(args.method, args.device, args.batch_size)
+    for p in predictor.values() if isinstance(predictor, dict) else [predictor]:
+        p.name = args.label or p.name
     summary = run_evaluation(
         predictor, Path(args.prepared), Path(args.out), folds=tuple(args.folds), support=args.support,
         shots=args.shots, n_chunks=args.chunks, progress=not args.quiet, setting=args.setting,
@@ -107,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="run the few-shot evaluation protocol (Dice, HD95, ASSD)")
     e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
-    e.add_argument("--method", default="baseline", help="'baseline' or a trained model directory")
+    e.add_argument("--method", default="baseline",
+                   help="'baseline' or a trained model directory; '{fold}' in it is replaced by each fold "
+                        "(a model trained per fold)")
     e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
     e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")

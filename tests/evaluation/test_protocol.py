@@ -131,6 +131,18 @@ def test_oracle_gives_perfect_scores(prepared):
     assert s["mean"]["dice"] == 1.0 and list(s["organs"]) == list(SPEC.eval_organs)
 
 
+def test_one_predictor_per_fold(prepared):
+    """A {fold: predictor} mapping (cross-validation) calls each fold's own predictor; a fold without
+    one is an error before any prediction."""
+    oracle, empty = OraclePredictor(), EmptyPredictor()
+    res = evaluate({0: oracle, 4: empty}, prepared, folds=(0, 4), progress=False)
+    assert {c.fold for c in res.cases if c.dice == 1.0} == {0}
+    assert {c.fold for c in res.cases if c.dice == 0.0} == {4}
+    assert res.config["predictor"] == "oracle" and len(oracle.calls) > 0
+    with pytest.raises(InputError, match=r"no predictor for fold\(s\) \[4\]"):
+        evaluate({0: oracle}, prepared, folds=(0, 4), progress=False)
+
+
 def test_support_slices_follow_the_chunk_rule(prepared):
     res = evaluate(OraclePredictor(), prepared, folds=(0,), organs=("liver",), shots=1, progress=False)
     (case,) = res.cases

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -216,7 +216,7 @@ def plan_folds(
 
 
 def evaluate(
-    predictor: Predictor,
+    predictor: Predictor | Mapping[int, Predictor],
     prepared: Any,
     *,
     folds: Sequence[int] = (0, 1, 2, 3, 4),
@@ -228,6 +228,8 @@ def evaluate(
 ) -> EvalResult:
     """Run the protocol of this module on a :class:`~sdfsmis.data.prepared.PreparedDataset`.
 
+    ``predictor`` is one predictor for every fold, or a mapping ``{fold: predictor}`` (a model
+    trained per fold: cross-validation); the row is then over all folds, as in the papers' tables.
     ``organs`` defaults to ``spec.eval_organs``. All options are checked before any prediction.
     A query scan without the organ is skipped and listed in ``EvalResult.skipped``; a support scan
     without the organ is an :class:`InputError`.
@@ -237,6 +239,10 @@ def evaluate(
     organs, plan = plan_folds(prepared, folds, support, organs)
     spec = prepared.spec
     root = getattr(prepared, "root", None)
+    per_fold = dict(predictor) if isinstance(predictor, Mapping) else {f: predictor for f in plan}
+    if missing := [f for f in plan if f not in per_fold]:
+        raise InputError(root, f"no predictor for fold(s) {missing}")
+    first = per_fold[next(iter(plan))]
 
     # Check every support scan holds every organ before spending time on predictions.
     sup_slices: dict[tuple[int, str], list[int]] = {}
@@ -256,8 +262,8 @@ def evaluate(
         "n_chunks": n_chunks,
         "shots": shots,
         "prob_threshold": PROB_THRESHOLD,
-        "predictor": getattr(predictor, "name", type(predictor).__name__),
-        "predictor_config": _describe(predictor),
+        "predictor": getattr(first, "name", type(first).__name__),
+        "predictor_config": _describe(first),
         "prepared": None if root is None else str(root),
         "scan_ids": list(prepared.scan_ids),
     }
@@ -279,7 +285,7 @@ def evaluate(
                 if not q_z:
                     skipped.append({"fold": fold, "query_id": qid, "organ": organ, "reason": "organ absent"})
                 else:
-                    cases.append(_run_case(predictor, sup_scan, qscan, lid, q_z, sup_slices[fold, organ],
+                    cases.append(_run_case(per_fold[fold], sup_scan, qscan, lid, q_z, sup_slices[fold, organ],
                                            fold, organ, qid, p["support"], n_chunks, shots))
                 if bar is not None:
                     bar.update(1)
