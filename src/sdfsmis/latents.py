@@ -19,6 +19,7 @@ UNet there). The price: no image-space augmentation, since the cache holds the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,7 @@ class LatentCache:
             self._slices = {k: torch.cat(v) for k, v in out.items() if v}
         return self._slices
 
-    def _latent_head(self) -> nn.Module | None:
+    def _latent_head(self) -> Callable[[Tensor], Tensor] | None:
         """The TAESD encoder's last layer when the VTCT features are its trunk with the same weights
         (``VAEFeatureEncoder``): the latents are then that layer applied to the features, which
         saves a second pass of the trunk. ``None`` otherwise."""
