@@ -388,21 +388,19 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
         T.build_sampler(tiny_cfg(Path("unused"), prepared, "cache_latents=true"), progress=False, model=model)
 
 
-def test_latent_cache_derives_taesd_latents_from_the_vtct_features():
-    """With TAESD and its trunk as VTCT encoder (compact tier), the cache computes the trunk once: the
-    latents are the encoder's last layer on the features, equal to encode_images. Other pairs
-    (the tiny tier: KL VAE, DINOv2) encode twice."""
-    from sdfsmis.latents import LatentCache
+def test_encode_images_and_features_runs_the_taesd_trunk_once():
+    """With TAESD and its trunk as VTCT encoder (compact tier), the latents are the encoder's last
+    layer on the features, equal to encode_images. Other pairs (the tiny tier: KL VAE, DINOv2) encode
+    twice, with the same results."""
     from sdfsmis.models import build
     from sdfsmis.models.config import BackboneConfig, ModelConfig
 
-    def head(model):
-        cache = LatentCache.__new__(LatentCache)
-        cache.model = model
-        return cache._latent_head()
-
-    compact = build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="compact", image_size=64))).eval()
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        torch.testing.assert_close(head(compact)(compact.image_encoder.features(x)), compact.encode_images(x))
-    assert head(build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny")))) is None
+    compact = build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="compact", image_size=64))).eval()
+    tiny = build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="tiny"))).eval()
+    assert compact._latent_head is not None and tiny._latent_head is None
+    for model, images in ((compact, x), (tiny, x[..., :32, :32])):
+        z, feats = model.encode_images_and_features(images)
+        with torch.no_grad():
+            torch.testing.assert_close(z, model.encode_images(images))
+            torch.testing.assert_close(feats, model.image_encoder.features(images))

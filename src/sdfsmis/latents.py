@@ -19,7 +19,6 @@ UNet there). The price: no image-space augmentation, since the cache holds the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,8 +43,7 @@ class LatentCache:
 
     @torch.no_grad()
     def _encode(self, fn, x: Tensor) -> Tensor:
-        dev = next(self.model.parameters()).device
-        return torch.cat([fn(x[i: i + self.chunk].to(dev)).to(self.device, torch.float16)
+        return torch.cat([fn(x[i: i + self.chunk].to(self.model.device)).to(self.device, torch.float16)
                           for i in range(0, len(x), self.chunk)])
 
     def _slice_encodings(self) -> dict[str, Tensor]:
@@ -53,33 +51,15 @@ class LatentCache:
         if self._slices is None:
             images = self.sampler.slice_images
             out: dict[str, list[Tensor]] = {"latents": [], "features": []}
-            uses_features = getattr(self.model, "uses_features", False)
-            head = self._latent_head() if uses_features else None
             for i in tqdm(range(0, len(images), self.chunk), desc="encoding training slices",
                           disable=not self.progress):
-                x = images[i: i + self.chunk].float()[:, None]
-                if uses_features:
-                    out["features"].append(self._encode(self.model.image_encoder.features, x))
-                if head is not None:  # the latents are the last layer of the same trunk
-                    out["latents"].append(self._encode(head, out["features"][-1]))
-                else:
-                    out["latents"].append(self._encode(self.model.encode_images, x))
+                x = images[i: i + self.chunk].float()[:, None].to(self.model.device)
+                z, feats = self.model.encode_images_and_features(x)
+                out["latents"].append(z.to(self.device, torch.float16))
+                if feats is not None:
+                    out["features"].append(feats.to(self.device, torch.float16))
             self._slices = {k: torch.cat(v) for k, v in out.items() if v}
         return self._slices
-
-    def _latent_head(self) -> Callable[[Tensor], Tensor] | None:
-        """The TAESD encoder's last layer when the VTCT features are its trunk with the same weights
-        (``VAEFeatureEncoder``): the latents are then that layer applied to the features, which
-        saves a second pass of the trunk. ``None`` otherwise."""
-        vae, enc = self.model.vae, self.model.image_encoder
-        if vae.kind != "taesd" or getattr(enc, "kind", None) != "taesd":
-            return None
-        layers = vae.model.encoder.layers
-        ours, theirs = enc.trunk.state_dict(), layers[:-1].state_dict()
-        if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
-            return None
-        head = layers[-1]
-        return lambda feats: head(feats.to(head.weight.dtype)).float()
 
     def mask_latents(self, index: np.ndarray, target: np.ndarray) -> Tensor:
         """float16 ``[M, 4, h, w]``: latents of the masks ``(index[i], target[i])``, encoding new ones."""

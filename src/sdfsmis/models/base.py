@@ -14,6 +14,7 @@ Shapes: images [B, 1, H, W] in [-1, 1]; supports [B, K, 1, H, W]; masks {0, 1}; 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,13 +193,37 @@ class FewShotSegmenter(LatentSegmenter):
         support_images = _as_support(support_images, "support_images")
         support_masks = _as_support(support_masks, "support_masks")
         b, k = support_images.shape[:2]
-        imgs, msks = support_images.flatten(0, 1).float(), support_masks.flatten(0, 1).float()
-        z_si = self.encode_images(imgs).unflatten(0, (b, k))
-        z_sm = self.encode_masks(msks).unflatten(0, (b, k))
-        feats = None
-        if self.uses_features:
-            feats = self.image_encoder.features(imgs).float().unflatten(0, (b, k))
-        return Episode(None, z_si, z_sm, support_masks.float(), feats)
+        z_si, feats = self.encode_images_and_features(support_images.flatten(0, 1))
+        z_sm = self.encode_masks(support_masks.flatten(0, 1)).unflatten(0, (b, k))
+        feats = None if feats is None else feats.unflatten(0, (b, k))
+        return Episode(None, z_si.unflatten(0, (b, k)), z_sm, support_masks.float(), feats)
+
+    @torch.no_grad()
+    def encode_images_and_features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[N, 1, H, W] in [-1, 1] -> (latents [N, 4, h, w], image-encoder features [N, d, hf, wf], or
+        None for a method without features). Where the image encoder is the TAESD encoder's own trunk
+        (the compact tier), the trunk runs once: the latents are its last layer on the features."""
+        images = images.float()
+        if not self.uses_features:
+            return self.encode_images(images), None
+        feats = self.image_encoder.features(images).float()
+        head = self._latent_head
+        if head is None:
+            return self.encode_images(images), feats
+        return head(feats.to(head.weight.dtype)).float(), feats
+
+    @functools.cached_property
+    def _latent_head(self) -> nn.Module | None:
+        """The TAESD encoder's last layer when ``image_encoder`` is a ``VAEFeatureEncoder`` holding that
+        encoder's trunk with the same weights, else None. Decided once, on first use (both are frozen)."""
+        vae, enc = self.vae, self.image_encoder
+        if vae.kind != "taesd" or getattr(enc, "kind", None) != "taesd":
+            return None
+        layers = vae.model.encoder.layers
+        ours, theirs = enc.trunk.state_dict(), layers[:-1].state_dict()
+        if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+            return None
+        return layers[-1]
 
     def encode_episode(self, query_images: Tensor, support_images: Tensor, support_masks: Tensor) -> Episode:
         """Query [B, 1, H, W], supports [B, K, 1, H, W] -> Episode (frozen encoders, no gradients)."""
