@@ -388,6 +388,49 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
         T.build_sampler(tiny_cfg(Path("unused"), prepared, "cache_latents=true"), progress=False, model=model)
 
 
+def test_latent_store_is_shared_by_later_runs(prepared, tmp_path, monkeypatch):
+    """With cache_dir, a second run reads the first run's slice and mask encodings instead of encoding,
+    and gets the same batches; another image size or mode gets a store of its own."""
+    from sdfsmis.models import build
+
+    cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true",
+                   f"cache_dir={tmp_path / 'cache'}")
+    torch.manual_seed(0)
+    model = build(cfg.model).eval()
+    first = T.build_sampler(cfg, progress=False, model=model)
+    a = first.samplers[0].sample(4, torch.Generator().manual_seed(5))
+    first.save_cache()
+    store = first.samplers[0].store
+    assert sorted(p.stem for p in store.glob("*.safetensors")) == sorted(first.samplers[0].sampler.train_ids)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded although the store has it")
+
+    monkeypatch.setattr(model, "encode_images_and_features", no_encoding)
+    monkeypatch.setattr(model, "encode_masks", no_encoding)
+    second = T.build_sampler(cfg, progress=False, model=model).samplers[0]
+    assert second.store == store
+    b = second.sample(4, torch.Generator().manual_seed(5))
+    assert second.cached_masks == first.samplers[0].cached_masks
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    other = T.build_sampler(dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, image_size=64)),
+                            progress=False, model=model).samplers[0]
+    assert other.store.parent == store.parent and other.store != store
+    with pytest.raises(ValueError, match="cache_latents"):
+        dataclasses.replace(cfg, cache_latents=False)
+
+
+def test_training_with_cache_dir_saves_masks_at_checkpoints(prepared, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tmp_path / "run", prepared, "episodes.augment_which=none", "cache_latents=true",
+                   f"cache_dir={tmp_path / 'cache'}")
+    T.train(cfg, progress=False)
+    files = list((tmp_path / "cache").glob("*/*.safetensors"))
+    assert files and sum(len(load_file(f).get("mask_keys", [])) for f in files) > 0
+
+
 def test_encode_images_and_features_runs_the_taesd_trunk_once():
     """With TAESD and its trunk as VTCT encoder (compact tier), the latents are the encoder's last
     layer on the features, equal to encode_images. Other pairs (the tiny tier: KL VAE, DINOv2) encode

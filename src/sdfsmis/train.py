@@ -102,7 +102,8 @@ class TrainConfig:
     reached; the learning-rate schedule still follows ``iterations``). ``cache_latents`` feeds the
     model cached encodings of its frozen encoders (``sdfsmis.latents``; needs
     ``episodes.augment_which=none`` and ``num_workers=0``): much faster where encoding dominates,
-    e.g. on a CPU.
+    e.g. on a CPU. ``cache_dir`` keeps those encodings on disk, shared by every run on the same
+    prepared data and encoders (other folds, resumed runs; ``sdfsmis.latents``).
     """
 
     data: list[str] = field(default_factory=list)
@@ -126,6 +127,7 @@ class TrainConfig:
     resume: str = "auto"
     time_limit_s: float = 0.0
     cache_latents: bool = False
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "iterations", "checkpoint_every",
@@ -136,6 +138,8 @@ class TrainConfig:
             raise ValueError("num_workers, validate_every and time_limit_s must be >= 0")
         if self.cache_latents and self.num_workers:
             raise ValueError("cache_latents needs num_workers=0 (the cache lives beside the model)")
+        if self.cache_dir and not self.cache_latents:
+            raise ValueError("cache_dir needs cache_latents=true")
 
 
 #: Sections that must match when resuming from a checkpoint written by another config.
@@ -350,6 +354,12 @@ class MixedSampler:
                  for i in range(len(self.samplers)) if which.count(i)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
+    def save_cache(self) -> None:
+        """Write what the samplers' on-disk latent caches (``TrainConfig.cache_dir``) are missing."""
+        for s in self.samplers:
+            if hasattr(s, "save"):
+                s.save()
+
 
 def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu", progress: bool = True,
                   model: nn.Module | None = None) -> MixedSampler:
@@ -372,7 +382,7 @@ def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu", progress
 
         if model is None:
             raise ValueError("cache_latents needs the model whose encoders fill the cache")
-        samplers = [LatentCache(s, model, progress=progress) for s in samplers]
+        samplers = [LatentCache(s, model, progress=progress, store=cfg.cache_dir or None) for s in samplers]
     return MixedSampler(samplers)
 
 
@@ -772,6 +782,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
             accelerator.wait_for_everyone()
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations or out_of_time:
             if main:
+                if hasattr(sampler, "save_cache"):
+                    sampler.save_cache()
                 save_checkpoint(out_dir, step, accelerator.unwrap_model(loss_module).model,
                                 optimizer, scheduler, cfg, cfg.keep_checkpoints)
                 plot_loss(out_dir / "log.csv", out_dir / "loss.png")

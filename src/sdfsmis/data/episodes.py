@@ -433,6 +433,11 @@ class EpisodeSampler:
         """float16 ``[N, S, S]``: every slice of the training scans, resized, in [-1, 1]."""
         return self._images
 
+    def slice_range(self, scan_id: str) -> range:
+        """Rows of :attr:`slice_images` (and ``masks`` indices) that hold the scan's slices, in z order."""
+        start = self._offsets[scan_id]
+        return range(start, start + len(self._excluded[scan_id]))
+
     def masks(self, index: np.ndarray, target: np.ndarray) -> Tensor:
         """float ``[M, 1, S, S]`` in {0, 1}: slice ``index[i]`` == id ``target[i]`` (supervoxel or label)."""
         index_t = torch.from_numpy(np.asarray(index, np.int64)).to(self.device, non_blocking=True)
