@@ -14,6 +14,7 @@ from sdfsmis.cli import main
     (["evaluate", "{tmp}", "--method", "{tmp}/no-model", "--out", "{tmp}/out"], "no-model"),
     (["evaluate", "{tmp}", "--method", "{tmp}/run-f{fold}/model", "--folds", "3", "--out", "{tmp}/out"],
      "run-f3"),
+    (["evaluate", "{tmp}/nowhere", "--method", "{tmp}/run-{organ}/model", "--out", "{tmp}/out"], "nowhere"),
     (["train", "--config", "{tmp}/missing.json"], "missing.json"),
     (["train", "no_such_key=1"], "no_such_key"),
 ])

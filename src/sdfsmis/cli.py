@@ -45,9 +45,13 @@ def make_predictor(method: str, device: str, batch_size: int):
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation.report import run_evaluation
+    from .evaluation.report import open_prepared, run_evaluation
 
-    if "{fold}" in args.method:  # one model per fold (cross-validation)
+    if "{organ}" in args.method:  # one model per organ (and per fold when '{fold}' is there too)
+        organs = open_prepared(args.prepared).spec.eval_organs
+        predictor = {(f, o): make_predictor(args.method.format(fold=f, organ=o), args.device, args.batch_size)
+                     for f in args.folds for o in organs}
+    elif "{fold}" in args.method:  # one model per fold (cross-validation)
         predictor = {f: make_predictor(args.method.format(fold=f), args.device, args.batch_size) for f in args.folds}
     else:
         predictor = make_predictor(args.method, args.device, args.batch_size)
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
     e.add_argument("--method", default="baseline",
                    help="'baseline' or a trained model directory; '{fold}' in it is replaced by each fold "
-                        "(a model trained per fold)")
+                        "(a model trained per fold), '{organ}' by each evaluated organ (a model per organ)")
     e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
     e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")

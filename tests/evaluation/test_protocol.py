@@ -143,6 +143,19 @@ def test_one_predictor_per_fold(prepared):
         evaluate({0: oracle}, prepared, folds=(0, 4), progress=False)
 
 
+def test_one_predictor_per_fold_and_organ(prepared):
+    """A {(fold, organ): predictor} mapping (SDSeg, per-organ-group Setting 2) calls the model of each
+    case's fold and organ; a missing pair is an error before any prediction."""
+    oracle, empty = OraclePredictor(), EmptyPredictor()
+    table = {(f, o): (oracle if o == "liver" else empty) for f in (0, 4) for o in SPEC.eval_organs}
+    res = evaluate(table, prepared, folds=(0, 4), progress=False)
+    assert {c.organ for c in res.cases if c.dice == 1.0} == {"liver"}
+    assert all(c.dice == 0.0 for c in res.cases if c.organ != "liver")
+    del table[4, "spleen"]
+    with pytest.raises(InputError, match=r"no predictor for fold\(s\) \[4\]"):
+        evaluate(table, prepared, folds=(0, 4), progress=False)
+
+
 def test_support_slices_follow_the_chunk_rule(prepared):
     res = evaluate(OraclePredictor(), prepared, folds=(0,), organs=("liver",), shots=1, progress=False)
     (case,) = res.cases

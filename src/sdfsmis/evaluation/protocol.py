@@ -216,7 +216,7 @@ def plan_folds(
 
 
 def evaluate(
-    predictor: Predictor | Mapping[int, Predictor],
+    predictor: Predictor | Mapping[int, Predictor] | Mapping[tuple[int, str], Predictor],
     prepared: Any,
     *,
     folds: Sequence[int] = (0, 1, 2, 3, 4),
@@ -228,8 +228,10 @@ def evaluate(
 ) -> EvalResult:
     """Run the protocol of this module on a :class:`~sdfsmis.data.prepared.PreparedDataset`.
 
-    ``predictor`` is one predictor for every fold, or a mapping ``{fold: predictor}`` (a model
-    trained per fold: cross-validation); the row is then over all folds, as in the papers' tables.
+    ``predictor`` is one predictor for every fold, a mapping ``{fold: predictor}`` (a model trained
+    per fold: cross-validation), or ``{(fold, organ): predictor}`` (a model per fold and organ: SDSeg,
+    or Setting 2 with one model per organ group); the row is then over all folds, as in the papers'
+    tables.
     ``organs`` defaults to ``spec.eval_organs``. All options are checked before any prediction.
     A query scan without the organ is skipped and listed in ``EvalResult.skipped``; a support scan
     without the organ is an :class:`InputError`.
@@ -239,10 +241,15 @@ def evaluate(
     organs, plan = plan_folds(prepared, folds, support, organs)
     spec = prepared.spec
     root = getattr(prepared, "root", None)
-    per_fold = dict(predictor) if isinstance(predictor, Mapping) else {f: predictor for f in plan}
-    if missing := [f for f in plan if f not in per_fold]:
+
+    def pick(fold: int, organ: str) -> Predictor | None:
+        if not isinstance(predictor, Mapping):
+            return predictor
+        return predictor.get((fold, organ), predictor.get(fold))
+
+    if missing := [f for f in plan if any(pick(f, o) is None for o in organs)]:
         raise InputError(root, f"no predictor for fold(s) {missing}")
-    first = per_fold[next(iter(plan))]
+    first = pick(next(iter(plan)), organs[0])
 
     # Check every support scan holds every organ before spending time on predictions.
     sup_slices: dict[tuple[int, str], list[int]] = {}
@@ -285,7 +292,7 @@ def evaluate(
                 if not q_z:
                     skipped.append({"fold": fold, "query_id": qid, "organ": organ, "reason": "organ absent"})
                 else:
-                    cases.append(_run_case(per_fold[fold], sup_scan, qscan, lid, q_z, sup_slices[fold, organ],
+                    cases.append(_run_case(pick(fold, organ), sup_scan, qscan, lid, q_z, sup_slices[fold, organ],
                                            fold, organ, qid, p["support"], n_chunks, shots))
                 if bar is not None:
                     bar.update(1)
