@@ -417,6 +417,32 @@ def test_latent_store_is_shared_by_later_runs(prepared, tmp_path, monkeypatch):
     other = T.build_sampler(dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, image_size=64)),
                             progress=False, model=model).samplers[0]
     assert other.store.parent == store.parent and other.store != store
+
+
+def test_latent_store_is_shared_by_ablation_variants(prepared, tmp_path):
+    """A run without VTCT (no image-encoder features) and one with it share one store: the second adds
+    the features to the files and keeps the masks the first stored."""
+    from safetensors.torch import load_file
+
+    from sdfsmis.models import build
+
+    base = ("episodes.augment_which=none", "cache_latents=true", f"cache_dir={tmp_path / 'cache'}")
+    runs = []
+    for extra in ("model.vtct=false", "model.vtct=true"):
+        cfg = tiny_cfg(Path("unused"), prepared, *base, extra)
+        torch.manual_seed(0)
+        model = build(cfg.model).eval()
+        sampler = T.build_sampler(cfg, progress=False, model=model)
+        batch = sampler.samplers[0].sample(4, torch.Generator().manual_seed(5))
+        sampler.save_cache()
+        runs.append((model.uses_features, sampler.samplers[0], batch))
+    (f0, s0, b0), (f1, s1, b1) = runs
+    assert (f0, f1) == (False, True) and s0.store == s1.store
+    assert "support_features" not in b0 and "support_features" in b1
+    assert s1.cached_masks == s0.cached_masks  # read, not encoded again
+    assert all(torch.equal(b0[k], b1[k]) for k in b0)
+    files = [load_file(f) for f in s1.store.glob("*.safetensors")]
+    assert all("features" in f for f in files) and sum(len(f.get("mask_keys", [])) for f in files) > 0
     with pytest.raises(ValueError, match="cache_latents"):
         dataclasses.replace(cfg, cache_latents=False)
 

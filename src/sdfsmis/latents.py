@@ -20,7 +20,8 @@ With ``store`` (``TrainConfig.cache_dir``), the encodings are also kept on disk,
 per scan, under a folder named after the dataset and a hash of what they depend on (the prepared
 dataset's ``dataset.json``, the episode mode, the image size, the frozen encoder weights). Every run
 with the same hash reads them: the other folds of a cross-validation, a resumed run, a general model
-on the same dataset. :meth:`LatentCache.save` adds the masks encoded since (the trainer calls it at
+on the same dataset, the ablation variants (a run with VTCT adds the image-encoder features to files
+written without them). :meth:`LatentCache.save` adds the masks encoded since (the trainer calls it at
 every checkpoint); files are replaced whole, by rename, so concurrent runs never see a partial file.
 """
 
@@ -62,8 +63,7 @@ class LatentCache:
         if self.sampler.root is None:
             raise InputError(None, "cache_dir needs episodes from a prepared dataset folder")
         h = hashlib.sha256((Path(self.sampler.root) / "dataset.json").read_bytes())
-        h.update(json.dumps([sdfsmis.__version__, self.sampler.config.mode, self.sampler.config.image_size,
-                             self.model.uses_features]).encode())
+        h.update(json.dumps([sdfsmis.__version__, self.sampler.config.mode, self.sampler.config.image_size]).encode())
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 h.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
@@ -80,12 +80,12 @@ class LatentCache:
             out: dict[str, list[Tensor]] = {"latents": [], "features": []}
             for sid in tqdm(self.sampler.train_ids, desc="encoding training slices", disable=not self.progress):
                 stored = self._read(sid)
-                if "latents" not in stored:
-                    stored = self._encode_scan(sid)
+                if "latents" not in stored or (self.model.uses_features and "features" not in stored):
+                    stored |= self._encode_scan(sid)  # keeps the masks another run stored
                     if self.store is not None:
                         self._write(sid, stored)
                 out["latents"].append(stored["latents"].to(self.device))
-                if "features" in stored:
+                if self.model.uses_features:
                     out["features"].append(stored["features"].to(self.device))
                 rows = self.sampler.slice_range(sid)
                 for (z, t), lat in zip(stored.get("mask_keys", torch.empty(0, 2)).tolist(),
