@@ -240,3 +240,21 @@ def test_not_a_prepared_folder(tmp_path):
     with pytest.raises(InputError, match="not found"):
         run_evaluation(OraclePredictor(), tmp_path / "missing", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_loads_a_model_per_organ(tmp_path, tiny_model, capsys):
+    """`sdfsmis evaluate --method 'DIR-{organ}'` loads one model per evaluated organ (here the same tiny
+    model under four names) and evaluates each organ with its own."""
+    from sdfsmis.cli import main
+
+    root = write_prepared(tmp_path / "prep")
+    for organ in SPEC.eval_organs:
+        (tmp_path / f"model-{organ}").symlink_to(tiny_model, target_is_directory=True)
+    out = tmp_path / "out"
+    assert main(["-q", "evaluate", str(root), "--method", str(tmp_path / "model-{organ}"), "--folds", "0",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["organs"]) == list(SPEC.eval_organs) and summary["config"]["folds"] == [0]
+    assert main(["-q", "evaluate", str(root), "--method", str(tmp_path / "nope-{organ}"), "--folds", "0",
+                 "--out", str(tmp_path / "out2")]) == 2
+    assert "nope-spleen" in capsys.readouterr().err and not (tmp_path / "out2").exists()
