@@ -20,8 +20,8 @@ With ``store`` (``TrainConfig.cache_dir``), the encodings are also kept on disk,
 per scan, under a folder named after the dataset and a hash of what they depend on (the prepared
 dataset's ``dataset.json``, the episode mode, the image size, the frozen encoder weights). Every run
 with the same hash reads them: the other folds of a cross-validation, a resumed run, a general model
-on the same dataset, the ablation variants (a run with VTCT adds the image-encoder features to files
-written without them). :meth:`LatentCache.save` adds the masks encoded since (the trainer calls it at
+on the same dataset, the SD-FSMIS ablation variants and DiffewS on the same backbone (a run with VTCT
+adds the image-encoder features to files written without them). :meth:`LatentCache.save` adds the masks encoded since (the trainer calls it at
 every checkpoint); files are replaced whole, by rename, so concurrent runs never see a partial file.
 """
 
