@@ -54,3 +54,14 @@ def test_run_experiments_trains_and_evaluates_a_plan(tmp_path):
     assert (tmp_path / "out" / "b" / "model" / "config.json").is_file()
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## a" in summary and "Dice" in summary and "## b" in summary
+    # the training-speed table of the two runs, from their config.json, log.csv and sittings.csv
+    res = _script(str(ROOT / "benchmarks" / "train_runs.py"), str(tmp_path / "out" / "a"), str(tmp_path / "out" / "b"),
+                  "--json", str(tmp_path / "speed.json"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert [(r["run"], r["method"], r["steps"], r["device"]) for r in speed] == \
+        [("a", "sdfsmis", 2, "cpu"), ("b", "diffews", 2, "cpu")]
+    assert all(r["wall_s"] > r["median_step_s"] > 0 and r["peak_memory_mib"] > 100 for r in speed)
+    assert res.stdout.count("\n| a | sdfsmis | tiny | 32 |") == 1
+    res = _script(str(ROOT / "benchmarks" / "train_runs.py"), str(tmp_path), cwd=tmp_path)
+    assert res.returncode != 0 and "not a training run folder" in res.stderr

@@ -240,6 +240,14 @@ def test_tiny_model_interrupted_and_resumed_run_is_exact(tmp_path, prepared):
         assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # lost step 3 logged once
         assert all(float(r["loss"]) > 0 and float(r["sec_per_step"]) > 0 for r in rows)
         assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one sittings.csv row per sitting: the full run; the interrupted one and its resumption
+    sittings = {out: list(csv.DictReader((out / "sittings.csv").open())) for out in (full_dir, part_dir)}
+    assert [(r["start_step"], r["end_step"]) for r in sittings[full_dir]] == [("0", "4")]
+    assert [(r["start_step"], r["end_step"]) for r in sittings[part_dir]] == [("0", "3"), ("2", "4")]
+    for r in sittings[full_dir] + sittings[part_dir]:
+        assert list(r) == list(T.SITTING_COLUMNS)
+        assert float(r["wall_s"]) >= float(r["median_step_s"]) > 0
+        assert float(r["peak_memory_mib"]) > 100 and r["memory"] == "process_rss" and r["device"] == "cpu"
 
 
 class FixedEpisode:

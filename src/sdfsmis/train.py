@@ -7,6 +7,8 @@ Layout of ``out_dir``::
 
     config.json                      the resolved TrainConfig of the run
     log.csv                          step, loss, lr, grad_norm, sec_per_step, episodes_per_s
+    sittings.csv                     one row per sitting (a run, or each part of a resumed one):
+                                     steps, wall time, median step time, iterations/s, peak memory
     loss.png                         loss curve (rewritten at every checkpoint and at the end)
     validation.csv                   what the optional validation hook returned
     checkpoints/latest               text file naming the newest complete checkpoint
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 #: Backbone tiers whose UNet is trained from scratch (and gets ``optim.lr_scratch``).
 SCRATCH_TIERS = ("compact", "tiny")
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec_per_step", "episodes_per_s")
+SITTING_COLUMNS = ("start_step", "end_step", "wall_s", "median_step_s", "iterations_per_s",
+                   "peak_memory_mib", "memory", "device", "processes")
 CHECKPOINT_PREFIX = "step_"
 
 
@@ -667,6 +671,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     if sampler_factory is None:
         def sampler_factory(c: TrainConfig, d: torch.device) -> MixedSampler:
             return build_sampler(c, d, progress=progress, model=model)  # the model built below
+    entered = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     precision = cfg.mixed_precision if torch.cuda.is_available() else "no"
     if precision != cfg.mixed_precision:
@@ -737,6 +742,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
                desc="train", dynamic_ncols=True)
     window_loss = torch.zeros((), device=accelerator.device)
     window_steps, window_start, grad_norm = 0, time.perf_counter(), float("nan")
+    window_seconds: list[float] = []  # mean step time of each logged window of this sitting
     step, started, out_of_time = start, time.perf_counter(), False
     for step in range(start + 1, stop + 1):
         for micro in range(accum):
@@ -765,6 +771,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
             seconds = (time.perf_counter() - window_start) / window_steps
+            window_seconds.append(seconds)
             lr = max(g["lr"] for g in optimizer.param_groups)
             if main:
                 _append_row(out_dir / "log.csv", LOG_COLUMNS, {
@@ -792,6 +799,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
         if out_of_time:
             break
     bar.close()
+    if main and step > start:
+        _append_row(out_dir / "sittings.csv", SITTING_COLUMNS,
+                    _sitting_row(start, step, time.perf_counter() - entered, window_seconds, accelerator))
 
     if stop < cfg.iterations and not out_of_time:
         return latest_checkpoint(out_dir) or out_dir
@@ -806,6 +816,26 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def _sitting_row(start: int, end: int, wall_s: float, window_seconds: Sequence[float],
+                 accelerator: Any) -> dict[str, Any]:
+    """What ``sittings.csv`` records of one sitting. The wall time runs from the call of ``train`` (model
+    build, data loading and encoding included) to the last step; the median step time is over the
+    logged windows. Peak memory: the CUDA allocator's peak on a GPU, the process's peak resident set
+    on a CPU."""
+    device = accelerator.device
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    else:
+        import resource  # Unix; ru_maxrss is in KiB on Linux
+
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
+    median = float(np.median(window_seconds)) if window_seconds else float("nan")
+    return {"start_step": start, "end_step": end, "wall_s": f"{wall_s:.1f}", "median_step_s": f"{median:.4g}",
+            "iterations_per_s": f"{1 / median:.4g}", "peak_memory_mib": f"{peak:.0f}", "memory": kind,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "processes": accelerator.num_processes}
 
 
 def _out_of_time(cfg: TrainConfig, started: float, accelerator: Any) -> bool:
