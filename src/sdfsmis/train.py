@@ -826,16 +826,17 @@ def _sitting_row(start: int, end: int, wall_s: float, window_seconds: Sequence[f
     on a CPU."""
     device = accelerator.device
     if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+        name, kind = torch.cuda.get_device_name(device), "cuda_allocated"
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         import resource  # Unix; ru_maxrss is in KiB on Linux
 
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
+        name, kind = "cpu", "process_rss"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     median = float(np.median(window_seconds)) if window_seconds else float("nan")
     return {"start_step": start, "end_step": end, "wall_s": f"{wall_s:.1f}", "median_step_s": f"{median:.4g}",
             "iterations_per_s": f"{1 / median:.4g}", "peak_memory_mib": f"{peak:.0f}", "memory": kind,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "processes": accelerator.num_processes}
+            "device": name, "processes": accelerator.num_processes}
 
 
 def _out_of_time(cfg: TrainConfig, started: float, accelerator: Any) -> bool:
