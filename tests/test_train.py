@@ -394,6 +394,8 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
     assert cached.cached_masks == seen  # the same episodes encode nothing new
     with pytest.raises(InputError, match="augment_which=none"):
         T.build_sampler(tiny_cfg(Path("unused"), prepared, "cache_latents=true"), progress=False, model=model)
+    with pytest.raises(ValueError, match="model.method=sdseg"):
+        tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true", "model.method=sdseg")
 
 
 def test_latent_store_is_shared_by_later_runs(prepared, tmp_path, monkeypatch):

@@ -144,6 +144,9 @@ class TrainConfig:
             raise ValueError("cache_latents needs num_workers=0 (the cache lives beside the model)")
         if self.cache_dir and not self.cache_latents:
             raise ValueError("cache_dir needs cache_latents=true")
+        if self.cache_latents and self.model.method == "sdseg":
+            raise ValueError("cache_latents does not apply to model.method=sdseg: its condition "
+                             "encoder is trained, so every step needs the images")
 
 
 #: Sections that must match when resuming from a checkpoint written by another config.
