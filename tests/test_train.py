@@ -392,10 +392,44 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
     assert 0 < seen <= 8  # 4 episodes x (query + support)
     cached.sample(4, torch.Generator().manual_seed(5))
     assert cached.cached_masks == seen  # the same episodes encode nothing new
-    with pytest.raises(InputError, match="augment_which=none"):
-        T.build_sampler(tiny_cfg(Path("unused"), prepared, "cache_latents=true"), progress=False, model=model)
     with pytest.raises(ValueError, match="model.method=sdseg"):
         tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true", "model.method=sdseg")
+
+
+def test_cached_latents_are_augmented_like_the_slices(prepared):
+    """With augment_which=one, each episode's augmented side (query or support) gets one geometric
+    transform on its latents, mask latents and pixel masks alike; the other side is untouched. At zero
+    strength the batch is the unaugmented one; the same generator gives the same batch."""
+    from sdfsmis.data.augment import AugmentConfig
+    from sdfsmis.models import build
+
+    cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true")
+    torch.manual_seed(0)
+    model = build(cfg.model).eval()
+
+    def batch(**episodes):
+        c = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, **episodes))
+        return T.build_sampler(c, progress=False, model=model).samplers[0].sample(
+            6, torch.Generator().manual_seed(5))
+
+    identity = batch(augment_which="both", augment=AugmentConfig.identity())
+    assert all(torch.allclose(batch()[k], identity[k], atol=1e-3) for k in identity)
+    plain = batch(augment_which="one", augment=AugmentConfig.identity())  # the same episodes, unwarped
+    zoom_out = {"augment_which": "one", "augment": AugmentConfig(scale=(0.7, 0.8))}
+    one = batch(**zoom_out)
+    assert all(torch.equal(one[k], v) for k, v in batch(**zoom_out).items())  # seeded
+
+    def changed(key: str, i: int) -> bool:
+        return not torch.allclose(one[key][i], plain[key][i])
+
+    query_side = [changed("query_latents", i) for i in range(6)]
+    assert any(query_side) and not all(query_side)
+    for i, query in enumerate(query_side):
+        assert changed("query_mask_latents", i) == query
+        assert changed("support_latents", i) == changed("support_mask_latents", i) == (not query)
+        assert changed("support_masks", i) == (not query)
+        if not query:  # zoomed out: the warped support mask covers fewer pixels
+            assert one["support_masks"][i].sum() < plain["support_masks"][i].sum()
 
 
 def test_latent_store_is_shared_by_later_runs(prepared, tmp_path, monkeypatch):

@@ -13,8 +13,16 @@ them as the cached inputs that ``model.training_loss`` accepts (see
 - ``support_masks`` ``[B, K, 1, S, S]`` and, for methods with VTCT, ``support_features``.
 
 This is what makes training on a CPU practical (the TAESD encoder costs far more than the compact
-UNet there). The price: no image-space augmentation, since the cache holds the stored slices, so
-``episodes.augment_which`` must be ``"none"``. Enabled with ``TrainConfig.cache_latents``.
+UNet there). Enabled with ``TrainConfig.cache_latents``.
+
+Augmentation (``episodes.augment_which`` ``"one"`` or ``"both"``, as in the sampler) moves from the
+pixels to the encodings (DESIGN §7): the geometric part of ``episodes.augment`` (affine + elastic) is
+drawn at the slice size and applied, as one transform per augmented slice, to its image latent, its
+mask latent, its image-encoder features (by :func:`~sdfsmis.data.augment.resample`, bilinear,
+border padding) and its pixel mask (nearest after bilinear, like the sampler). The gamma part has
+no counterpart on encodings and is left out. Warping a latent is not the same as encoding the warped
+slice (bilinear interpolation smooths it a little), but image and mask latents move together, which
+is what the support-to-query transfer has to learn.
 
 With ``store`` (``TrainConfig.cache_dir``), the encodings are also kept on disk, one safetensors file
 per scan, under a folder named after the dataset and a hash of what they depend on (the prepared
@@ -40,6 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import sdfsmis
+from sdfsmis.data.augment import random_grids, resample
 from sdfsmis.errors import InputError
 
 
@@ -48,9 +57,6 @@ class LatentCache:
 
     def __init__(self, sampler: Any, model: nn.Module, chunk: int = 32, progress: bool = True,
                  store: str | Path | None = None):
-        if sampler.config.augment_which != "none":
-            raise InputError(None, "cache_latents needs episodes.augment_which=none: the cache holds "
-                                   "encodings of the stored, unaugmented slices")
         self.sampler, self.model, self.chunk, self.progress = sampler, model, chunk, progress
         self.device = sampler.device
         self._slices: dict[str, Tensor] | None = None
@@ -155,18 +161,33 @@ class LatentCache:
         return len(self._mask_latents)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """The sampler's batch for ``generator`` as cached encodings (keys: module docstring)."""
-        episodes = self.sampler.draw(batch_size, generator)
-        index, target, _ = self.sampler.episode_rows(episodes)
+        """The sampler's batch for ``generator`` as cached encodings (keys: module docstring), with
+        the episodes' augmented slices warped (module docstring)."""
+        gen = self.sampler.generator if generator is None else generator
+        episodes = self.sampler.draw(batch_size, gen)
+        index, target, flags = self.sampler.episode_rows(episodes)
         b, k = len(episodes), self.sampler.config.shots
         slices = self._slice_encodings()
         index_t = torch.from_numpy(index).to(self.device)
-        z_img = slices["latents"][index_t]
-        z_msk = self.mask_latents(index, target)
-        batch = {"query_latents": z_img[:b], "query_mask_latents": z_msk[:b],
-                 "support_latents": z_img[b:].unflatten(0, (b, k)),
-                 "support_mask_latents": z_msk[b:].unflatten(0, (b, k)),
-                 "support_masks": self.sampler.masks(index[b:], target[b:]).unflatten(0, (b, k))}
+        rows = {"latents": slices["latents"][index_t].float(),
+                "mask_latents": self.mask_latents(index, target).float(),
+                "masks": self.sampler.masks(index, target)}
         if "features" in slices:
-            batch["support_features"] = slices["features"][index_t[b:]].unflatten(0, (b, k))
+            rows["features"] = slices["features"][index_t].float()
+        chosen = torch.from_numpy(np.nonzero(flags)[0]).to(self.device)
+        if len(chosen):
+            size = self.sampler.config.image_size
+            grid = random_grids(len(chosen), size, size, self.sampler.config.augment, gen, self.device)
+            threshold = self.sampler.config.augment.mask_threshold
+            for key, x in rows.items():
+                if key == "masks":  # outside -> background, then binarised as the sampler does
+                    x[chosen] = resample(x[chosen], grid, "zeros").gt(threshold).float()
+                else:
+                    x[chosen] = resample(x[chosen], grid)
+        batch = {"query_latents": rows["latents"][:b], "query_mask_latents": rows["mask_latents"][:b],
+                 "support_latents": rows["latents"][b:].unflatten(0, (b, k)),
+                 "support_mask_latents": rows["mask_latents"][b:].unflatten(0, (b, k)),
+                 "support_masks": rows["masks"][b:].unflatten(0, (b, k))}
+        if "features" in rows:
+            batch["support_features"] = rows["features"][b:].unflatten(0, (b, k))
         return batch

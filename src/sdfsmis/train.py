@@ -103,10 +103,10 @@ class TrainConfig:
     draws episodes in DataLoader worker processes (with a CPU sampler). ``time_limit_s > 0`` ends
     training after that many seconds of this process (checkpoint and final model at the step
     reached; the learning-rate schedule still follows ``iterations``). ``cache_latents`` feeds the
-    model cached encodings of its frozen encoders (``sdfsmis.latents``; needs
-    ``episodes.augment_which=none`` and ``num_workers=0``): much faster where encoding dominates,
-    e.g. on a CPU. ``cache_dir`` keeps those encodings on disk, shared by every run on the same
-    prepared data and encoders (other folds, resumed runs; ``sdfsmis.latents``).
+    model cached encodings of its frozen encoders (``sdfsmis.latents``; needs ``num_workers=0``;
+    augmentation is then geometric only, applied to the encodings): much faster where encoding
+    dominates, e.g. on a CPU. ``cache_dir`` keeps those encodings on disk, shared by every run on
+    the same prepared data and encoders (other folds, resumed runs; ``sdfsmis.latents``).
     """
 
     data: list[str] = field(default_factory=list)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sdfsmis.data.augment import (
-    AugmentConfig, affine_matrices, augment, elastic_displacements, random_gamma, sampling_grid, warp,
+    AugmentConfig, affine_matrices, augment, elastic_displacements, random_gamma, random_grids, resample,
+    sampling_grid, warp,
 )
 
 
@@ -121,3 +122,20 @@ def test_cpu_generator_drives_gpu_augmentation_identically():
     gpu = augment(images.cuda(), masks.cuda(), AugmentConfig(), torch.Generator().manual_seed(9))
     assert torch.allclose(cpu[0], gpu[0].cpu(), atol=1e-3)
     assert (cpu[1] != gpu[1].cpu()).float().mean() < 1e-3
+
+
+def test_resample_applies_a_grid_drawn_at_the_slice_size_to_smaller_maps():
+    """A grid drawn at 64 px, applied to a map at 8 px (a latent), gives what warping at 64 px and
+    then averaging down to 8 px gives: the same transform at both sizes (exact for the affine part on
+    a linear map; the elastic part differs a little within a latent pixel)."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    smooth = torch.stack([xs + 0.5 * ys, ys - 0.3 * xs])[None].repeat(4, 1, 1, 1)
+    grid = random_grids(4, 64, 64, AugmentConfig(rotate_deg=20, shift_px=8), torch.Generator().manual_seed(0))
+    fine_then_pool = torch.nn.functional.avg_pool2d(resample(smooth, grid), 8)
+    pool_then_coarse = resample(torch.nn.functional.avg_pool2d(smooth, 8), grid)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # away from the padded border
+    assert (fine_then_pool - pool_then_coarse)[inner].abs().max() < 0.01
+    assert (fine_then_pool - torch.nn.functional.avg_pool2d(smooth, 8))[inner].abs().max() > 0.2
+    shift = sampling_grid(torch.tensor([[[1.0, 0.0, 8.0], [0.0, 1.0, 0.0]]]), 64, 64)  # 8 px right
+    latent = torch.arange(64.0).view(1, 1, 8, 8)
+    assert torch.equal(resample(latent, shift)[..., 1:], latent[..., :-1])  # one latent pixel right

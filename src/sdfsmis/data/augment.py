@@ -198,6 +198,29 @@ def warp(images: Tensor, masks: Tensor | None, grid: Tensor, image_pad: float = 
     return new_images, new_masks
 
 
+def random_grids(n: int, height: int, width: int, config: AugmentConfig,
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """``[n, H, W, 2]`` sampling grids of ``n`` random affine + elastic transforms drawn at H x W
+    (pixel quantities of ``config`` refer to that size). Draws the affine parameters, then the elastic
+    noise (when ``elastic_alpha > 0``)."""
+    matrices = affine_matrices(n, config, generator, device)
+    disp = None
+    if config.elastic_alpha > 0:
+        disp = elastic_displacements(n, height, width, config.elastic_alpha, config.elastic_sigma, generator, device)
+    return sampling_grid(matrices, height, width, disp)
+
+
+def resample(x: Tensor, grid: Tensor, padding_mode: str = "border") -> Tensor:
+    """``x`` ``[n, C, h, w]`` read bilinearly through ``grid`` ``[n, H, W, 2]``, which may be drawn at
+    another size: it is then area-averaged to h x w first. For the affine part that is exact (the
+    mean of a block's normalised coordinates is the coordinate of the block's centre), so latents
+    (h = H / 8) and feature maps follow the same transform as the slice. Returns ``x``'s dtype."""
+    if grid.shape[1:3] != x.shape[-2:]:
+        grid = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), x.shape[-2:]).permute(0, 2, 3, 1)
+    out = F.grid_sample(x.float(), grid.float(), mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return out.to(x.dtype)
+
+
 def random_gamma(images: Tensor, gamma: tuple[float, float], generator: torch.Generator | None = None) -> Tensor:
     """Per-element gamma ``U(gamma)`` on images in [-1, 1]: ``2 * ((x + 1) / 2) ** g - 1``."""
     g = _uniform(images.shape[0], gamma[0], gamma[1], generator, images.device)
@@ -223,11 +246,7 @@ def augment(images: Tensor, masks: Tensor | None = None, config: AugmentConfig =
     n, _, h, w = images.shape
     if n == 0:
         return images, masks
-    matrices = affine_matrices(n, config, generator, images.device)
-    disp = None
-    if config.elastic_alpha > 0:
-        disp = elastic_displacements(n, h, w, config.elastic_alpha, config.elastic_sigma, generator, images.device)
-    grid = sampling_grid(matrices, h, w, disp)
+    grid = random_grids(n, h, w, config, generator, images.device)
     images, masks = warp(images, masks, grid, config.image_pad, config.mask_threshold)
     images = random_gamma(images, config.gamma, generator)
     return images, masks
@@ -235,5 +254,5 @@ def augment(images: Tensor, masks: Tensor | None = None, config: AugmentConfig =
 
 __all__ = [
     "AugmentConfig", "affine_matrices", "augment", "elastic_displacements", "gaussian_blur",
-    "random_gamma", "sampling_grid", "warp",
+    "random_gamma", "random_grids", "resample", "sampling_grid", "warp",
 ]

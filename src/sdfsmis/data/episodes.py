@@ -405,11 +405,16 @@ class EpisodeSampler:
         return Episode(scan_id=sid, target=int(target), query_z=int(query_z), support_scan_id=support_sid,
                        support_z=tuple(supports), augmented=tuple(flags))
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The sampler's own generator (seeded with ``config.seed``): what draws use without one."""
+        return self._generator
+
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> list[Episode]:
         """The episodes of a batch (no tensors); advances ``generator`` by one draw."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        gen = self._generator if generator is None else generator
+        gen = self.generator if generator is None else generator
         rng = np.random.default_rng(_state_seed(gen))
         return [self._draw(rng) for _ in range(batch_size)]
 
@@ -446,7 +451,7 @@ class EpisodeSampler:
 
     def render(self, episodes: Sequence[Episode], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Tensors of ``episodes`` on the sampler's device (keys and shapes: :meth:`sample`)."""
-        gen = self._generator if generator is None else generator
+        gen = self.generator if generator is None else generator
         b, k, s = len(episodes), self.config.shots, self.config.image_size
         index, target, flags = self.episode_rows(episodes)
         index_t = torch.from_numpy(index).to(self.device, non_blocking=True)
