@@ -4,12 +4,13 @@
 
 A plan is JSON::
 
-    {"base": ["model.backbone.tier=compact", "batch_size=8", ...],        # overrides for every run
+    {"config": "experiments/recipe.json",                                 # optional: a config file
+     "base": ["model.backbone.tier=compact", "batch_size=8", ...],        # overrides for every run
      "runs": [{"name": "sdfsmis-abd-mri-s1-f0",
                "overrides": ["data=[\\"prepared/abd-mri\\"]", "episodes.fold=0"],
                "evaluate": {"prepared": "prepared/abd-mri", "folds": [0]}}, ...]}
 
-Each run trains with ``sdfsmis train`` into ``OUT/NAME`` (its own process, log in ``OUT/NAME.log``),
+Each run trains with ``sdfsmis train [--config CONFIG] BASE... OVERRIDES...`` into ``OUT/NAME`` (its own process, log in ``OUT/NAME.log``),
 then ``sdfsmis evaluate`` writes ``OUT/NAME/eval``. ``--only`` picks runs by name. Everything a run
 writes (resolved config, CSV log, loss curve, model, per-case results) stays in its folder, and
 ``OUT/summary.md`` gathers the evaluation tables.
@@ -63,8 +64,10 @@ def main() -> None:
     t0 = time.time()
     train_codes: dict[str, int] = {}
     if not args.skip_train:
-        jobs = [(r["name"], sdfsmis + ["train", *plan.get("base", []), *r.get("overrides", []), *args.extra,
-                                       f"out_dir={args.out / r['name']}"], args.out / f"{r['name']}.log")
+        config = ["--config", plan["config"]] if "config" in plan else []
+        jobs = [(r["name"], sdfsmis + ["train", *config, *plan.get("base", []), *r.get("overrides", []),
+                                       *args.extra, f"out_dir={args.out / r['name']}"],
+                 args.out / f"{r['name']}.log")
                 for r in runs]
         train_codes = _run_all(jobs, args.max_parallel)
     train_s = time.time() - t0

@@ -40,9 +40,9 @@ def test_run_experiments_trains_and_evaluates_a_plan(tmp_path):
     meta = json.loads((data / "dataset.json").read_text())
     meta["spec"]["eval_organs"] = ["liver"]  # the synthetic scans hold only a liver
     (data / "dataset.json").write_text(json.dumps(meta))
-    base = ["model.backbone.tier=tiny", "episodes.image_size=32", "episodes.min_mask_px=20", "iterations=2",
-            "log_every=1", "checkpoint_every=2"]
-    plan = {"base": base, "runs": [
+    (tmp_path / "recipe.json").write_text(json.dumps({"model": {"backbone": {"tier": "tiny"}}, "iterations": 2}))
+    base = ["episodes.image_size=32", "episodes.min_mask_px=20", "log_every=1", "checkpoint_every=2"]
+    plan = {"config": "recipe.json", "base": base, "runs": [
         {"name": "a", "overrides": [f"data={json.dumps([str(data)])}"],
          "evaluate": {"prepared": str(data), "folds": [0], "args": ["--batch-size", "4"]}},
         {"name": "b", "overrides": [f"data={json.dumps([str(data)])}", "model.method=diffews"]}]}
