@@ -15,6 +15,7 @@ from sdfsmis.cli import main
     (["evaluate", "{tmp}", "--method", "{tmp}/run-f{fold}/model", "--folds", "3", "--out", "{tmp}/out"],
      "run-f3"),
     (["evaluate", "{tmp}/nowhere", "--method", "{tmp}/run-{organ}/model", "--out", "{tmp}/out"], "nowhere"),
+    (["evaluate", "{tmp}", "--threshold", "half", "--out", "{tmp}/out"], "absolute:V"),
     (["train", "--config", "{tmp}/missing.json"], "missing.json"),
     (["train", "no_such_key=1"], "no_such_key"),
 ])

@@ -29,8 +29,21 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"prepared dataset written to {out}")
 
 
-def make_predictor(method: str, device: str, batch_size: int):
-    """``baseline`` (training-free TAESD prototype matching) or a trained model directory."""
+def parse_threshold(text: str) -> tuple[str, float]:
+    """``RULE:VALUE`` (``absolute:-0.5``, ``relative:0.25``) -> (rule, value); InputError if malformed."""
+    rule, _, value = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if rule not in ("absolute", "relative") or number is None:
+        raise InputError(None, f"--threshold {text!r}: expected absolute:V (V in [-1, 1]) or relative:F")
+    return rule, number
+
+
+def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None):
+    """``baseline`` (training-free TAESD prototype matching) or a trained model directory, whose
+    threshold rule becomes ``threshold`` (rule, value) if given."""
     if method == "baseline":
         from .baseline import PrototypeBaseline
 
@@ -41,20 +54,27 @@ def make_predictor(method: str, device: str, batch_size: int):
     path = Path(method)
     if not (path / "config.json").is_file():
         raise InputError(path, "not a trained model directory (no config.json); use 'baseline' or a model dir")
-    return ModelPredictor(load_pretrained(path, device=device), device=device, batch_size=batch_size)
+    model = load_pretrained(path, device=device)
+    if threshold is not None:
+        model.config.threshold, model.config.threshold_value = threshold
+    return ModelPredictor(model, device=device, batch_size=batch_size)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.report import open_prepared, run_evaluation
 
+    threshold = None if args.threshold is None else parse_threshold(args.threshold)
+
+    def load(method: str):
+        return make_predictor(method, args.device, args.batch_size, threshold)
+
     if "{organ}" in args.method:  # one model per organ (and per fold when '{fold}' is there too)
         organs = open_prepared(args.prepared).spec.eval_organs
-        predictor = {(f, o): make_predictor(args.method.format(fold=f, organ=o), args.device, args.batch_size)
-                     for f in args.folds for o in organs}
+        predictor = {(f, o): load(args.method.format(fold=f, organ=o)) for f in args.folds for o in organs}
     elif "{fold}" in args.method:  # one model per fold (cross-validation)
-        predictor = {f: make_predictor(args.method.format(fold=f), args.device, args.batch_size) for f in args.folds}
+        predictor = {f: load(args.method.format(fold=f)) for f in args.folds}
     else:
-        predictor = make_predictor(args.method, args.device, args.batch_size)
+        predictor = load(args.method)
     for p in predictor.values() if isinstance(predictor, dict) else [predictor]:
         p.name = args.label or p.name
     summary = run_evaluation(
@@ -126,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--label", default=None, help="method name in the tables (default: the predictor's)")
     e.add_argument("--setting", default="", help="setting label in the tables, e.g. 1 or 2")
+    e.add_argument("--threshold", default=None,
+                   help="replace the models' threshold rule: absolute:V (decoded mask > V in [-1, 1]; "
+                        "SD-FSMIS default absolute:0) or relative:F (> F x the slice's max; DiffewS relative:0.25)")
     e.set_defaults(func=_evaluate)
 
     tb = sub.add_parser("table", help="one Markdown table from several evaluation summary.json files")

@@ -255,6 +255,13 @@ def test_cli_loads_a_model_per_organ(tmp_path, tiny_model, capsys):
                  "--out", str(out), "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["organs"]) == list(SPEC.eval_organs) and summary["config"]["folds"] == [0]
+    described = summary["config"]["predictor_config"]
+    assert (described["method"], described["threshold"]) == ("sdfsmis", "absolute")
+    # --threshold replaces the models' own rule, and the summary records the one used
+    assert main(["-q", "evaluate", str(root), "--method", str(tmp_path / "model-{organ}"), "--folds", "0",
+                 "--out", str(tmp_path / "relative"), "--threshold", "relative:0.25"]) == 0
+    described = json.loads((tmp_path / "relative" / "summary.json").read_text())["config"]["predictor_config"]
+    assert (described["threshold"], described["threshold_value"]) == ("relative", 0.25)
     assert main(["-q", "evaluate", str(root), "--method", str(tmp_path / "nope-{organ}"), "--folds", "0",
                  "--out", str(tmp_path / "out2")]) == 2
     assert "nope-spleen" in capsys.readouterr().err and not (tmp_path / "out2").exists()

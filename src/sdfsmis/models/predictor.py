@@ -55,6 +55,11 @@ class ModelPredictor:
         self.progress = progress
         self.name = str(model.config.method)
 
+    @property
+    def config(self):
+        """The model's ``ModelConfig`` (method, threshold rule, ...): evaluation summaries record it."""
+        return self.model.config
+
     def _autocast(self):
         if self.autocast and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
