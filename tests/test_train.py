@@ -304,6 +304,26 @@ def test_accumulation_workers_and_resume_agree(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000004"]
 
 
+def test_ema_model_is_the_moving_average_and_resume_is_exact(tmp_path):
+    """With ema_decay, every model/ holds the moving average of the raw weights (training_model/),
+    with diffusers' warm-up decay min(ema_decay, (1 + n) / (10 + n)); an interrupted and resumed run
+    ends with the same raw and averaged weights as an uninterrupted one."""
+    extra = ("ema_decay=0.5", "checkpoint_every=1", "keep_checkpoints=10")
+    ref = run_standin(standin_cfg(tmp_path / "ref", *extra))
+    steps = [tmp_path / "ref" / "checkpoints" / f"step_{k:07d}" for k in range(1, 7)]
+    average = weights(steps[0] / "training_model")  # the first update copies the weights
+    for k, ck in enumerate(steps[1:], start=1):
+        decay = min(0.5, (1 + k) / (10 + k))
+        raw = weights(ck / "training_model")
+        average = {n: decay * average[n] + (1 - decay) * raw[n] for n in raw}
+        assert all(torch.allclose(average[n], v, atol=1e-6) for n, v in weights(ck / "model").items())
+    assert same_weights(ref, steps[-1] / "model") and not same_weights(ref, steps[-1] / "training_model")
+    run_standin(standin_cfg(tmp_path / "part", *extra), max_steps=3)
+    resumed = run_standin(standin_cfg(tmp_path / "part", *extra))
+    assert same_weights(ref, resumed)
+    assert same_weights(steps[-1] / "training_model", tmp_path / "part/checkpoints/step_0000006/training_model")
+
+
 def test_validation_hook_and_resume_config_check(tmp_path):
     out = tmp_path / "run"
     seen = []

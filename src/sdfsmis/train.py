@@ -13,8 +13,14 @@ Layout of ``out_dir``::
     validation.csv                   what the optional validation hook returned
     checkpoints/latest               text file naming the newest complete checkpoint
     checkpoints/step_0001000/        model/ (save_pretrained), optimizer.pt (optimizer + scheduler),
-                                     rng.pt, state.json (step), config.json
+                                     rng.pt, state.json (step), config.json; with ``ema_decay``
+                                     also training_model/ (the raw weights) and ema.pt
     model/                           the final model (save_pretrained), loadable by the predictor
+
+With ``ema_decay > 0`` the trainer keeps an exponential moving average of the trainable weights
+(``diffusers.training_utils.EMAModel``: decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n``
+optimizer steps) and every ``model/`` (checkpoints, the final model) and validation hold the
+average; training continues from the raw weights in ``training_model/``.
 
 Determinism and exact resume: the episodes of step ``s`` come from a generator seeded with
 ``(seed, s, process, micro-batch)`` and the global torch RNG (noise, dropout inside the model) is
@@ -34,6 +40,7 @@ optimizer steps and does not depend on the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -131,6 +138,7 @@ class TrainConfig:
     time_limit_s: float = 0.0
     cache_latents: bool = False
     cache_dir: str = ""
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "iterations", "checkpoint_every",
@@ -139,6 +147,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.validate_every < 0 or self.time_limit_s < 0:
             raise ValueError("num_workers, validate_every and time_limit_s must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.cache_latents and self.num_workers:
             raise ValueError("cache_latents needs num_workers=0 (the cache lives beside the model)")
         if self.cache_dir and not self.cache_latents:
@@ -344,13 +354,33 @@ def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def _averaged(ema: Any | None, params: Sequence[Tensor]) -> Iterator[None]:
+    """Inside the block the model holds the EMA weights (without ``ema``: unchanged)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, cfg: TrainConfig, keep: int) -> Path:
-    """Write ``checkpoints/step_XXXXXXX/`` atomically, point ``latest`` at it, keep the last ``keep``."""
+                    scheduler: Any, cfg: TrainConfig, keep: int, ema: Any | None = None,
+                    params: Sequence[Tensor] = ()) -> Path:
+    """Write ``checkpoints/step_XXXXXXX/`` atomically, point ``latest`` at it, keep the last ``keep``.
+    With ``ema`` (over ``params``), ``model/`` holds the averaged weights and ``training_model/`` the raw."""
     root = out_dir / "checkpoints"
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "model")
+        if ema is not None:
+            model.save_pretrained(tmp / "training_model")
+            torch.save(ema.state_dict(), tmp / "ema.pt")
+        with _averaged(ema, params):
+            model.save_pretrained(tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
@@ -571,7 +601,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     torch.manual_seed(cfg.seed)
     model = model_factory(cfg.model)
     if ckpt is not None:
-        _load_weights(model, ckpt / "model")
+        raw = ckpt / "training_model"
+        _load_weights(model, raw if raw.is_dir() else ckpt / "model")
     size = getattr(model, "image_size", None)
     if size is not None and size != cfg.episodes.image_size:
         raise InputError(None, f"episodes.image_size={cfg.episodes.image_size} but the model works "
@@ -592,6 +623,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
         log.info("resuming from %s (step %d)", ckpt, start)
     loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=cfg.ema_decay)
+        if ckpt is not None and (ckpt / "ema.pt").is_file():
+            ema.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device, weights_only=False))
+        elif ckpt is not None:
+            log.info("no ema.pt in %s: the average starts from the resumed weights", ckpt)
 
     stop = cfg.iterations if max_steps is None else min(cfg.iterations, max_steps)
     accum = cfg.gradient_accumulation_steps
@@ -624,6 +664,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
                     grad_norm = accelerator.clip_grad_norm_(trainable, clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None and accelerator.sync_gradients:
+                    ema.step(trainable)
             window_loss += loss.detach().float() / accum
         scheduler.step()
         window_steps += 1
@@ -652,14 +694,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
         paused = time.perf_counter()  # validation and checkpoints do not count as step time
         if validate is not None and cfg.validate_every and step % cfg.validate_every == 0:
             if main:
-                _run_validation(validate, accelerator, loss_module, out_dir, step)
+                with _averaged(ema, trainable):
+                    _run_validation(validate, accelerator, loss_module, out_dir, step)
             accelerator.wait_for_everyone()
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations or out_of_time:
             if main:
                 if hasattr(sampler, "save_cache"):
                     sampler.save_cache()
                 save_checkpoint(out_dir, step, accelerator.unwrap_model(loss_module).model,
-                                optimizer, scheduler, cfg, cfg.keep_checkpoints)
+                                optimizer, scheduler, cfg, cfg.keep_checkpoints, ema, trainable)
                 plot_loss(out_dir / "log.csv", out_dir / "loss.png")
             accelerator.wait_for_everyone()
         window_start += time.perf_counter() - paused
@@ -675,7 +718,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     final = out_dir / "model"
     if main:
         def write(tmp: Path) -> None:
-            accelerator.unwrap_model(loss_module).model.save_pretrained(tmp)
+            with _averaged(ema, trainable):
+                accelerator.unwrap_model(loss_module).model.save_pretrained(tmp)
             save_config(cfg, tmp / "train_config.json")
 
         _write_dir_atomic(final, write)
