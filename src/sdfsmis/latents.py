@@ -16,13 +16,13 @@ This is what makes training on a CPU practical (the TAESD encoder costs far more
 UNet there). Enabled with ``TrainConfig.cache_latents``.
 
 Augmentation (``episodes.augment_which`` ``"one"`` or ``"both"``, as in the sampler) moves from the
-pixels to the encodings (DESIGN §7): the geometric part of ``episodes.augment`` (affine + elastic) is
-drawn at the slice size and applied, as one transform per augmented slice, to its image latent, its
-mask latent, its image-encoder features (by :func:`~sdfsmis.data.augment.resample`, bilinear,
-border padding) and its pixel mask (nearest after bilinear, like the sampler). The gamma part has
-no counterpart on encodings and is left out. Warping a latent is not the same as encoding the warped
-slice (bilinear interpolation smooths it a little), but image and mask latents move together, which
-is what the support-to-query transfer has to learn.
+pixels to the encodings (DESIGN §7): the geometric part of ``episodes.augment`` (affine + elastic)
+is drawn at the slice size and applied, as one transform per augmented slice, to its image latent,
+its mask latent, its image-encoder features (by :func:`~sdfsmis.data.augment.resample`, bilinear,
+border padding) and its pixel mask (bilinear, then binarised, as the sampler does). The gamma part
+has no counterpart on encodings and is left out. Warping a latent is not the same as encoding the
+warped slice (bilinear interpolation smooths it a little), but image and mask latents move together,
+which is what the support-to-query transfer has to learn.
 
 With ``store`` (``TrainConfig.cache_dir``), the encodings are also kept on disk, one safetensors file
 per scan, under a folder named after the dataset and a hash of what they depend on (the prepared
