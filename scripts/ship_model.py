@@ -24,16 +24,27 @@ TARGET = Path(__file__).resolve().parents[1] / "src" / "sdfsmis" / "assets" / "m
 MAX_BYTES = 25 * 1024 * 1024
 
 
+def _below_cwd(path: str) -> str:
+    """``path`` relative to the current folder (the repository) when it lies below it, so that the
+    shipped config names the same folders on every machine; otherwise unchanged."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a training run folder (with model/ and config.json)")
     ap.add_argument("--note", default="", help="text for the model's README (results, hardware)")
     ap.add_argument("--command", default=None, help="the training command (default: from the run's config)")
+    ap.add_argument("--target", type=Path, default=TARGET, help="where the bundled model goes (default: the package's)")
     args = ap.parse_args()
+    target = args.target
 
     src = args.run / "model"
     model = load_pretrained(src)
-    tmp = TARGET.with_name(".model-tmp")
+    tmp = target.with_name(f".{target.name}-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, dtype=torch.float16)
     size = (tmp / WEIGHTS_NAME).stat().st_size
@@ -41,6 +52,8 @@ def main() -> None:
         shutil.rmtree(tmp)
         sys.exit(f"{src}: {size / 2**20:.1f} MiB of weights, more than the 25 MiB a bundled model may have")
     train_cfg = json.loads((args.run / "config.json").read_text())
+    train_cfg["data"] = [_below_cwd(d) for d in train_cfg["data"]]
+    train_cfg["out_dir"] = _below_cwd(train_cfg["out_dir"])
     (tmp / "train_config.json").write_text(json.dumps(train_cfg, indent=1) + "\n")
     command = args.command or f"sdfsmis train --config {args.run / 'config.json'}"
     (tmp / "README.md").write_text(
@@ -48,13 +61,13 @@ def main() -> None:
         f"Made by `python scripts/ship_model.py {args.run}` from a run of\n\n```bash\n{command}\n```\n\n"
         f"Weights: float16 ({size / 2**20:.1f} MiB); the training config is `train_config.json`.\n\n"
         f"{args.note}\n")
-    old = TARGET.with_name(".model-old")
+    old = target.with_name(f".{target.name}-old")
     shutil.rmtree(old, ignore_errors=True)
-    if TARGET.exists():
-        TARGET.rename(old)
-    tmp.rename(TARGET)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-    print(f"bundled model written to {TARGET} ({size / 2**20:.1f} MiB)")
+    print(f"bundled model written to {target} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

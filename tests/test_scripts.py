@@ -65,3 +65,31 @@ def test_run_experiments_trains_and_evaluates_a_plan(tmp_path):
     assert res.stdout.count("\n| a | sdfsmis | tiny | 32 |") == 1
     res = _script(str(ROOT / "benchmarks" / "train_runs.py"), str(tmp_path), cwd=tmp_path)
     assert res.returncode != 0 and "not a training run folder" in res.stderr
+
+
+def test_ship_model_bundles_float16_weights_with_a_portable_config(tmp_path, tiny_model):
+    """ship_model.py writes float16 weights, the run's config with paths below the current folder made
+    relative, and a README with the command; the shipped model loads and replaces an older one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from sdfsmis.models.io import load_pretrained
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(tiny_model, run / "model")
+    cfg = {"data": [str(tmp_path / "prepared" / "x"), "/elsewhere/y"], "out_dir": str(run), "iterations": 3}
+    (run / "config.json").write_text(json.dumps(cfg))
+    target = tmp_path / "bundled"
+    target.mkdir()
+    (target / "stale.txt").write_text("the old model")
+    res = _script(str(ROOT / "scripts" / "ship_model.py"), "runs/r", "--target", str(target), "--note", "made in a test",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert {p.name for p in target.iterdir()} == {"model.safetensors", "config.json", "train_config.json", "README.md"}
+    assert {v.dtype for v in load_file(target / "model.safetensors").values()} == {torch.float16}
+    shipped = json.loads((target / "train_config.json").read_text())
+    assert shipped["data"] == ["prepared/x", "/elsewhere/y"] and shipped["out_dir"] == "runs/r"
+    assert "made in a test" in (target / "README.md").read_text()
+    assert type(load_pretrained(target)).__name__ == "SDFSMIS"
