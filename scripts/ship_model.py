@@ -3,7 +3,8 @@
     python scripts/ship_model.py runs/cpu-abd-mri-f0 --note "how it was trained, measured results"
 
 Reads ``RUN/model`` (written by ``sdfsmis train``), writes ``src/sdfsmis/assets/model/`` with
-``model.safetensors`` (float16; loading casts back to float32), ``config.json``,
+``model.safetensors`` (float16; loading casts back to float32), ``config.json`` (with the threshold
+rule of ``--threshold`` if given, as ``sdfsmis evaluate --threshold`` takes it),
 ``train_config.json`` and a ``README.md`` holding the training command, the config and ``--note``.
 The folder is built beside the target and renamed, so a failure leaves the old model in place.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sdfsmis.cli import parse_threshold
 from sdfsmis.models.io import WEIGHTS_NAME, load_pretrained, save_pretrained
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "sdfsmis" / "assets" / "model"
@@ -39,11 +41,14 @@ def main() -> None:
     ap.add_argument("--note", default="", help="text for the model's README (results, hardware)")
     ap.add_argument("--command", default=None, help="the training command (default: from the run's config)")
     ap.add_argument("--target", type=Path, default=TARGET, help="where the bundled model goes (default: the package's)")
+    ap.add_argument("--threshold", default=None, help="RULE:VALUE replacing the model's threshold rule, e.g. absolute:-0.75")
     args = ap.parse_args()
     target = args.target
 
     src = args.run / "model"
     model = load_pretrained(src)
+    if args.threshold is not None:
+        model.config.threshold, model.config.threshold_value = parse_threshold(args.threshold)
     tmp = target.with_name(f".{target.name}-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, dtype=torch.float16)
@@ -55,10 +60,11 @@ def main() -> None:
     train_cfg["data"] = [_below_cwd(d) for d in train_cfg["data"]]
     train_cfg["out_dir"] = _below_cwd(train_cfg["out_dir"])
     (tmp / "train_config.json").write_text(json.dumps(train_cfg, indent=1) + "\n")
+    threshold = f" --threshold {args.threshold}" if args.threshold else ""
     command = args.command or f"sdfsmis train --config {args.run / 'config.json'}"
     (tmp / "README.md").write_text(
         "# Bundled default model\n\n"
-        f"Made by `python scripts/ship_model.py {args.run}` from a run of\n\n```bash\n{command}\n```\n\n"
+        f"Made by `python scripts/ship_model.py {args.run}{threshold}` from a run of\n\n```bash\n{command}\n```\n\n"
         f"Weights: float16 ({size / 2**20:.1f} MiB); the training config is `train_config.json`.\n\n"
         f"{args.note}\n")
     old = target.with_name(f".{target.name}-old")

@@ -85,11 +85,14 @@ def test_ship_model_bundles_float16_weights_with_a_portable_config(tmp_path, tin
     target.mkdir()
     (target / "stale.txt").write_text("the old model")
     res = _script(str(ROOT / "scripts" / "ship_model.py"), "runs/r", "--target", str(target), "--note", "made in a test",
-                  cwd=tmp_path)
+                  "--threshold", "absolute:-0.75", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert {p.name for p in target.iterdir()} == {"model.safetensors", "config.json", "train_config.json", "README.md"}
     assert {v.dtype for v in load_file(target / "model.safetensors").values()} == {torch.float16}
     shipped = json.loads((target / "train_config.json").read_text())
     assert shipped["data"] == ["prepared/x", "/elsewhere/y"] and shipped["out_dir"] == "runs/r"
-    assert "made in a test" in (target / "README.md").read_text()
-    assert type(load_pretrained(target)).__name__ == "SDFSMIS"
+    readme = (target / "README.md").read_text()
+    assert "made in a test" in readme and "--threshold absolute:-0.75" in readme
+    model = load_pretrained(target)
+    assert type(model).__name__ == "SDFSMIS"
+    assert (model.config.threshold, model.config.threshold_value) == ("absolute", -0.75)
