@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdfsmis.cli import parse_threshold
+from sdfsmis.errors import InputError
 from sdfsmis.models.io import WEIGHTS_NAME, load_pretrained, save_pretrained
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "sdfsmis" / "assets" / "model"
@@ -44,11 +45,15 @@ def main() -> None:
     ap.add_argument("--threshold", default=None, help="RULE:VALUE replacing the model's threshold rule, e.g. absolute:-0.75")
     args = ap.parse_args()
     target = args.target
+    try:
+        threshold_rule = None if args.threshold is None else parse_threshold(args.threshold)
+    except InputError as err:
+        sys.exit(str(err))
 
     src = args.run / "model"
     model = load_pretrained(src)
-    if args.threshold is not None:
-        model.config.threshold, model.config.threshold_value = parse_threshold(args.threshold)
+    if threshold_rule is not None:
+        model.config.threshold, model.config.threshold_value = threshold_rule
     tmp = target.with_name(f".{target.name}-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, dtype=torch.float16)
