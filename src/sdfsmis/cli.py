@@ -1,7 +1,7 @@
 """Command line: one subcommand per pipeline stage, each a thin layer over an importable function.
 
     sdfsmis prepare   SOURCE --dataset NAME --out DIR        (sdfsmis.data.prepare.prepare_dataset)
-    sdfsmis evaluate  PREPARED --method baseline|CKPT --out DIR  (sdfsmis.evaluation.report.run_evaluation)
+    sdfsmis evaluate  PREPARED --method paste|baseline|CKPT --out DIR (sdfsmis.evaluation.report.run_evaluation)
     sdfsmis table     SUMMARY.json ...                       (sdfsmis.evaluation.report.combine_summaries)
     sdfsmis train     --config FILE [key=value ...]          (sdfsmis.train.train)
     sdfsmis predict   --support-image S --support-mask M --query Q --out OUT  (sdfsmis.predict.predict)
@@ -42,8 +42,12 @@ def parse_threshold(text: str) -> tuple[str, float]:
 
 
 def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None):
-    """``baseline`` (training-free TAESD prototype matching) or a trained model directory, whose
-    threshold rule becomes ``threshold`` (rule, value) if given."""
+    """``paste`` (the position-only control), ``baseline`` (training-free TAESD prototype matching)
+    or a trained model directory, whose threshold rule becomes ``threshold`` (rule, value) if given."""
+    if method == "paste":
+        from .evaluation.paste import PastePredictor
+
+        return PastePredictor()
     if method == "baseline":
         from .baseline import PrototypeBaseline
 
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="run the few-shot evaluation protocol (Dice, HD95, ASSD)")
     e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
     e.add_argument("--method", default="baseline",
-                   help="'baseline' or a trained model directory; '{fold}' in it is replaced by each fold "
+                   help="'paste' (position-only control: the support mask copied onto the query), "
+                        "'baseline' or a trained model directory; '{fold}' in it is replaced by each fold "
                         "(a model trained per fold), '{organ}' by each evaluated organ (a model per organ)")
     e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
     e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
