@@ -139,3 +139,34 @@ def test_resample_applies_a_grid_drawn_at_the_slice_size_to_smaller_maps():
     shift = sampling_grid(torch.tensor([[[1.0, 0.0, 8.0], [0.0, 1.0, 0.0]]]), 64, 64)  # 8 px right
     latent = torch.arange(64.0).view(1, 1, 8, 8)
     assert torch.equal(resample(latent, shift)[..., 1:], latent[..., :-1])  # one latent pixel right
+
+
+def test_flip_mirrors_left_right():
+    """flip=1 with no other motion mirrors every slice; flip=0 draws nothing extra (same stream)."""
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    still = AugmentConfig.identity()
+    flipped, _ = augment(images, None, AugmentConfig(**{**still.__dict__, "flip": 1.0}), torch.Generator().manual_seed(1))
+    assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
+    a = affine_matrices(5, AugmentConfig(), torch.Generator().manual_seed(2))
+    b = affine_matrices(5, AugmentConfig(flip=0.0), torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    half = affine_matrices(400, AugmentConfig(flip=0.5), torch.Generator().manual_seed(3))
+    share = (torch.linalg.det(half[:, :, :2]) < 0).float().mean()
+    assert 0.4 < share < 0.6
+
+
+def test_random_intensity():
+    """Identity strengths change nothing; each part changes what it should, seeded, within [-1, 1]."""
+    from sdfsmis.data.augment import random_intensity
+
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.allclose(random_intensity(images, AugmentConfig.identity(), torch.Generator()), images, atol=1e-6)
+    strong = AugmentConfig(gamma=(1.0, 1.0), contrast=(0.5, 0.5), noise_std=0.0, bias_field=0.0)
+    out = random_intensity(images, strong, torch.Generator())
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out, (images - mean) * 0.5 + mean, atol=1e-6)
+    full = AugmentConfig(contrast=(0.7, 1.3), noise_std=0.05, bias_field=0.5)
+    a, b = (random_intensity(images, full, torch.Generator().manual_seed(4)) for _ in range(2))
+    assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1 and not torch.allclose(a, images, atol=0.05)
+    dark = torch.full((2, 1, 8, 8), -1.0)  # background stays background under the bias field
+    assert torch.equal(random_intensity(dark, AugmentConfig(gamma=(1, 1), bias_field=0.5), torch.Generator()), dark)

@@ -53,6 +53,10 @@ class AugmentConfig:
     elastic_alpha: float = 10.0  # displacement multiplier (px); 0 disables the elastic part
     elastic_sigma: float = 5.0  # Gaussian smoothing of the displacement noise (px)
     gamma: tuple[float, float] = (0.5, 1.5)  # gamma drawn from U(lo, hi) on [0, 1] intensities
+    flip: float = 0.0  # probability of a left-right mirror (before the affine map); 0 draws nothing
+    contrast: tuple[float, float] = (1.0, 1.0)  # intensity bank: contrast about the slice mean, U(lo, hi)
+    noise_std: float = 0.0  # intensity bank: Gaussian noise, standard deviation in [-1, 1] units
+    bias_field: float = 0.0  # intensity bank: smooth multiplicative field exp(U(-b, b) x a low-order field)
     image_pad: float = -1.0  # image value for pixels mapped from outside the slice
     mask_threshold: float = 0.5  # interpolated masks are binarised with ``> mask_threshold``
 
@@ -60,7 +64,9 @@ class AugmentConfig:
         for name in ("rotate_deg", "shift_px", "shear_deg", "elastic_alpha", "elastic_sigma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("scale", "gamma"):
+        if not 0 <= self.flip <= 1 or self.noise_std < 0 or self.bias_field < 0:
+            raise ValueError("AugmentConfig: flip must be in [0, 1], noise_std and bias_field >= 0")
+        for name in ("scale", "gamma", "contrast"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"AugmentConfig.{name} must satisfy 0 < lo <= hi, got {(lo, hi)}")
@@ -101,7 +107,8 @@ def affine_matrices(n: int, config: AugmentConfig, generator: torch.Generator | 
     """``[n, 2, 3]`` random forward affine maps ``p_out = A (p_in - c) + c + t`` in pixels.
 
     Columns ``[A | t]``; coordinates are ``(x, y)`` = (column, row), ``c`` the image centre.
-    ``A = scale * Shear @ Rotation``.
+    ``A = scale * Shear @ Rotation @ Flip`` (``Flip`` = diag(-1, 1) with probability ``config.flip``,
+    drawn last and only when ``flip > 0``, so recipes without flips draw the same numbers as before).
     """
     device = torch.device(device)
     rot = torch.deg2rad(_uniform(n, -config.rotate_deg, config.rotate_deg, generator, device))
@@ -114,6 +121,9 @@ def affine_matrices(n: int, config: AugmentConfig, generator: torch.Generator | 
     shear_m = torch.stack([torch.stack([ones, -torch.sin(shear)], -1),
                            torch.stack([zeros, torch.cos(shear)], -1)], -2)
     a = scale[:, None, None] * (shear_m @ rotation)
+    if config.flip > 0:
+        mirror = torch.where(_uniform(n, 0.0, 1.0, generator, device) < config.flip, -1.0, 1.0)
+        a = a * torch.stack([mirror, torch.ones_like(mirror)], -1)[:, None, :]
     return torch.cat([a, shift[:, :, None]], dim=2)
 
 
@@ -229,6 +239,31 @@ def random_gamma(images: Tensor, gamma: tuple[float, float], generator: torch.Ge
     return (x01.pow(g.view(shape)) * 2 - 1).to(images.dtype)
 
 
+def random_intensity(images: Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> Tensor:
+    """The intensity part of ``config`` on images ``[B, 1, H, W]`` in [-1, 1], one draw per element:
+    gamma, then contrast about the slice mean, a smooth multiplicative bias field (a random
+    combination of 1, x, y, x^2, xy, y^2 over the slice, exponentiated) and Gaussian noise; clipped
+    to [-1, 1]. This is what the intensity bank of cached training encodings applies
+    (:mod:`sdfsmis.latents`): MR bias fields, scanner contrast and noise differ between patients."""
+    n, _, h, w = images.shape
+    x = random_gamma(images, config.gamma, generator).float()
+    c = _uniform(n, config.contrast[0], config.contrast[1], generator, x.device).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    if config.bias_field > 0:
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                                indexing="ij")
+        basis = torch.stack([torch.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys])  # [6, H, W]
+        coef = _uniform(n, -config.bias_field, config.bias_field, generator, x.device, (6,)) / 2
+        field = torch.exp(torch.einsum("nk,khw->nhw", coef, basis))[:, None]
+        x = (x + 1) * field - 1  # multiplies the [0, 2] intensities, background stays dark
+    if config.noise_std > 0:
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+        x = x + config.noise_std * noise
+    return x.clamp(-1, 1).to(images.dtype)
+
+
 def augment(images: Tensor, masks: Tensor | None = None, config: AugmentConfig = AugmentConfig(),
             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
     """Random affine + elastic (one shared resampling for image and mask) + gamma on the image.
@@ -254,5 +289,5 @@ def augment(images: Tensor, masks: Tensor | None = None, config: AugmentConfig =
 
 __all__ = [
     "AugmentConfig", "affine_matrices", "augment", "elastic_displacements", "gaussian_blur",
-    "random_gamma", "random_grids", "resample", "sampling_grid", "warp",
+    "random_gamma", "random_intensity", "random_grids", "resample", "sampling_grid", "warp",
 ]
