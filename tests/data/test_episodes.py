@@ -243,3 +243,28 @@ def test_gpu_sampler_matches_cpu_sampler(dataset):
     cuda_gen = torch.Generator(device="cuda").manual_seed(13)
     c = gpu.sample(8, cuda_gen)
     assert c["query_images"].shape == (8, 1, SIZE, SIZE)
+
+
+def test_query_gap_draws_other_slices_of_the_supervoxel(dataset):
+    """query_gap=G: the query is 1..G slices from the first support, on a slice that still holds the
+    supervoxel (large enough, not excluded); with G=3 the 4-slice supervoxels give gaps up to 3."""
+    sampler = make(dataset, query_gap=3, shots=2)
+    episodes = sampler.draw(200, _gen(9))
+    gaps = {abs(e.query_z - e.support_z[0]) for e in episodes}
+    assert gaps == {1, 2, 3}
+    for e in episodes:
+        assert e.query_z // 4 == e.support_z[0] // 4  # one supervoxel: slices 4k..4k+3
+        assert e.query_z not in e.support_z
+    s2 = make(dataset, query_gap=3, setting=2)
+    assert not {z for e in s2.draw(100, _gen(9)) for z in (e.query_z, *e.support_z)} & EXCLUDED_Z
+    assert make(dataset, query_gap=1).draw(20, _gen(10)) == make(dataset).draw(20, _gen(10))
+    with pytest.raises(InputError, match="query_gap"):
+        EpisodeConfig(query_gap=0)
+
+
+def test_drawable_masks_cover_every_drawn_mask(dataset):
+    sampler = make(dataset, query_gap=3, shots=2)
+    drawable = {sid: set(map(tuple, sampler.drawable_masks(sid).tolist())) for sid in sampler.train_ids}
+    for e in sampler.draw(200, _gen(11)):
+        assert {(z, e.target) for z in (e.query_z, *e.support_z)} <= drawable[e.scan_id]
+    assert all(t != TINY_SV for rows in drawable.values() for _, t in rows)

@@ -27,7 +27,10 @@ Rules (DESIGN §4-5):
   slices outwards from the pair that still hold the supervoxel (``z - 1, z + 2, z - 2, z + 3, ...``,
   each side stopping at the first slice that is too small or excluded). When the supervoxel spans
   too few slices, the supports are repeated and every repeat is augmented on its own, so repeats
-  differ.
+  differ. With ``query_gap = G > 1`` the first support is ``z`` or ``z + 1`` (at random) and the query
+  is drawn uniformly among the slices 1..G away from it that still hold the supervoxel (usable:
+  large enough, not excluded; the other slice of the pair always is), so query and support masks
+  differ more than on adjacent slices; further supports skip the query's slice.
 - **Supervoxel mode, same slice** (``pseudo_pairs="same_slice"``; for 2-D superpixels, where ids do
   not carry across slices, SSL-ALPNet's scheme): query and support are the same slice ``z``; the
   augmentation rule below makes them differ. ``"auto"`` (default) follows the dataset's
@@ -88,6 +91,7 @@ class EpisodeConfig:
     organs: tuple[str, ...] | None = None  # supervised targets; default every organ of spec.labels
     pseudo_pairs: str = "auto"  # supervoxel mode: "adjacent" (3-D) | "same_slice" (2-D) | "auto" (dataset's)
     pairing: str = "same_scan"  # supervised mode: "same_scan" | "cross_scan"
+    query_gap: int = 1  # supervoxel mode, adjacent: the query is up to this many slices from the support
     seed: int = 0  # seeds the sampler's own generator (used when sample() gets none)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,7 @@ class EpisodeConfig:
             (self.augment_which in AUGMENT_WHICH, f"augment_which must be one of {AUGMENT_WHICH}"),
             (self.pseudo_pairs in PSEUDO_PAIRS, f"pseudo_pairs must be one of {PSEUDO_PAIRS}"),
             (self.pairing in PAIRINGS, f"pairing must be one of {PAIRINGS}"),
+            (self.query_gap >= 1, f"query_gap must be >= 1, got {self.query_gap}"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -329,6 +334,17 @@ class EpisodeSampler:
         starts in supervoxel mode (slices z and z+1 when adjacent), ``(z, label_id)`` in supervised."""
         return self._rows[scan_id]
 
+    def drawable_masks(self, scan_id: str) -> np.ndarray:
+        """int64 ``[M, 2]`` rows ``(z, target)``: every slice mask an episode of this sampler can draw
+        from the scan (a superset in supervoxel mode: each usable target on every usable slice)."""
+        rows = self._rows[scan_id]
+        if self.config.mode != "supervoxel" or self.pseudo_pairs != "adjacent":
+            return rows
+        targets = np.unique(rows[:, 1])
+        ok = (self._areas[scan_id][:, targets] >= self.config.min_mask_px) & ~self._excluded[scan_id][:, None]
+        zz, tt = np.nonzero(ok)
+        return np.stack([zz, targets[tt]], 1).astype(np.int64)
+
     def excluded_slices(self, scan_id: str) -> np.ndarray:
         """bool ``[Z]``: slices of a training scan that no episode uses (Setting 2)."""
         return self._excluded[scan_id]
@@ -342,12 +358,15 @@ class EpisodeSampler:
 
     # -- drawing --------------------------------------------------------------------------------
 
+    def _holds(self, sid: str, sv: int, z: int) -> bool:
+        """Slice ``z`` of the scan exists, is not excluded and holds ``sv`` on >= ``min_mask_px``."""
+        excluded = self._excluded[sid]
+        return 0 <= z < len(excluded) and not excluded[z] and self._areas[sid][z, sv] >= self.config.min_mask_px
+
     def _extend(self, sid: str, sv: int, z: int, n: int) -> list[int]:
         """Up to ``n`` further slices holding supervoxel ``sv`` outwards from the pair (z, z+1)."""
-        areas, excluded, min_px = self._areas[sid], self._excluded[sid], self.config.min_mask_px
-
         def ok(k: int) -> bool:
-            return 0 <= k < len(excluded) and not excluded[k] and areas[k, sv] >= min_px
+            return self._holds(sid, sv, k)
 
         out: list[int] = []
         left, right, left_open, right_open = z - 1, z + 2, True, True
@@ -373,7 +392,13 @@ class EpisodeSampler:
         if cfg.mode == "supervoxel":
             rows = self._rows[sid]
             z, target = (int(v) for v in rows[rng.integers(len(rows))])
-            if self.pseudo_pairs == "adjacent":
+            if self.pseudo_pairs == "adjacent" and cfg.query_gap > 1:
+                support = z + int(rng.integers(2))
+                near = [q for q in range(support - cfg.query_gap, support + cfg.query_gap + 1)
+                        if q != support and self._holds(sid, target, q)]
+                query_z = near[rng.integers(len(near))]
+                supports = [support] + [s for s in self._extend(sid, target, z, k) if s != query_z][:k - 1]
+            elif self.pseudo_pairs == "adjacent":
                 pair = (z, z + 1)
                 first = int(rng.integers(2))
                 query_z, supports = pair[first], [pair[1 - first]]
