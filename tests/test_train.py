@@ -537,3 +537,54 @@ def test_encode_images_and_features_runs_the_taesd_trunk_once():
         with torch.no_grad():
             torch.testing.assert_close(z, model.encode_images(images))
             torch.testing.assert_close(feats, model.image_encoder.features(images))
+
+
+def test_intensity_bank_and_prefill(prepared, tmp_path, monkeypatch):
+    """cache_bank=2 stores two intensity-augmented copies of every slice beside the plain encodings and
+    draws episode images from all three; cache_prefill encodes every drawable mask before training, so
+    sampling encodes nothing; a second run reads all of it from the store."""
+    from safetensors.torch import load_file
+
+    from sdfsmis.models import build
+
+    cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true",
+                   f"cache_dir={tmp_path / 'cache'}", "cache_bank=2", "cache_prefill=true",
+                   "episodes.augment.contrast=[0.5,0.6]", "episodes.augment.bias_field=0.3")
+    torch.manual_seed(0)
+    model = build(cfg.model).eval()
+    cache = T.build_sampler(cfg, progress=False, model=model).samplers[0]
+    sampler = cache.sampler
+    assert cache.cached_masks == sum(len(sampler.drawable_masks(s)) for s in sampler.train_ids)
+    stored = load_file(next(cache.store.glob("*.safetensors")))
+    copies = sorted(k for k in stored if k.startswith("latents"))
+    assert len(copies) == 3 and all(stored[k].shape == stored["latents"].shape for k in copies)
+    assert all(not torch.allclose(stored[k].float(), stored["latents"].float(), atol=1e-2) for k in copies[1:])
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded although everything was prefilled")
+
+    monkeypatch.setattr(model, "encode_masks", no_encoding)
+    batch = cache.sample(16, torch.Generator().manual_seed(3))
+    plain = T.build_sampler(dataclasses.replace(cfg, cache_bank=0, cache_prefill=False),
+                            progress=False, model=model).samplers[0].sample(16, torch.Generator().manual_seed(3))
+    same = [torch.equal(batch["query_latents"][i], plain["query_latents"][i]) for i in range(16)]
+    assert any(same) and not all(same)  # some images drawn from the bank's copies
+    monkeypatch.setattr(model, "encode_images_and_features", no_encoding)
+    again = T.build_sampler(cfg, progress=False, model=model).samplers[0].sample(16, torch.Generator().manual_seed(3))
+    assert all(torch.equal(again[k], batch[k]) for k in batch)
+    with pytest.raises(ValueError, match="cache_bank"):
+        dataclasses.replace(cfg, cache_latents=False, cache_dir="")
+
+
+def test_bf16_encodings_agree_with_fp32_and_have_their_own_store(prepared, tmp_path):
+    from sdfsmis.models import build
+
+    cfgs = [tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true",
+                     f"cache_dir={tmp_path / 'cache'}", f"mixed_precision={p}") for p in ("no", "bf16")]
+    torch.manual_seed(0)
+    model = build(cfgs[0].model).eval()
+    fp32, bf16 = (T.build_sampler(c, progress=False, model=model).samplers[0] for c in cfgs)
+    assert fp32.store != bf16.store
+    a, b = (s.sample(4, torch.Generator().manual_seed(1)) for s in (fp32, bf16))
+    for key in ("query_latents", "query_mask_latents"):
+        assert float((a[key] - b[key]).norm() / a[key].norm()) < 0.05
