@@ -23,7 +23,7 @@ from sdfsmis.train import build_sampler, load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="training config (JSON or TOML)")
+    parser.add_argument("--config", default=None, help="training config (JSON or TOML)")
     parser.add_argument("overrides", nargs="*", help="config overrides, as for 'sdfsmis train'")
     args = parser.parse_args(argv)
     try:

@@ -96,3 +96,22 @@ def test_ship_model_bundles_float16_weights_with_a_portable_config(tmp_path, tin
     model = load_pretrained(target)
     assert type(model).__name__ == "SDFSMIS"
     assert (model.config.threshold, model.config.threshold_value) == ("absolute", -0.75)
+
+
+def test_fill_cache_encodes_every_drawable_mask(tmp_path):
+    """scripts/fill_cache.py fills the config's store (slices, bank copies, every drawable mask); a
+    config without cache_dir is a one-line error with exit 2 and writes nothing."""
+    from safetensors.torch import load_file
+
+    data = write_prepared(tmp_path / "data", n_scans=5)
+    common = [f"data={data}", "model.backbone.tier=tiny", "episodes.image_size=32", "episodes.min_mask_px=20",
+              "cache_latents=true", "cache_bank=1", "episodes.query_gap=2"]
+    script = str(ROOT / "scripts" / "fill_cache.py")
+    res = _script(script, *common, cwd=tmp_path)
+    assert res.returncode == 2 and "cache_dir" in res.stderr and not list(tmp_path.glob("**/*.safetensors"))
+    res = _script(script, *common, f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    files = {p.stem: load_file(p) for p in (tmp_path / "cache").glob("*/*.safetensors")}
+    assert sorted(files) == ["2", "3", "4"]  # the training scans of fold 0
+    sampler_masks = sum(len(f["mask_keys"]) for f in files.values())
+    assert sampler_masks > 0 and all(sum(k.startswith("latents") for k in f) == 2 for f in files.values())
