@@ -45,7 +45,7 @@ def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[s
     """``paste`` (the position-only control), ``baseline`` (training-free TAESD prototype matching)
     or a trained model directory, whose threshold rule becomes ``threshold`` (rule, value) if given."""
     if method == "paste":
-        from .evaluation.paste import PastePredictor
+        from .evaluation.position import PastePredictor
 
         return PastePredictor()
     if method == "baseline":
@@ -79,6 +79,13 @@ def _evaluate(args: argparse.Namespace) -> None:
         predictor = {f: load(args.method.format(fold=f)) for f in args.folds}
     else:
         predictor = load(args.method)
+    if args.query_shift:
+        from .evaluation.position import ShiftedQueries
+
+        def shifted(p):
+            return ShiftedQueries(p, *args.query_shift)
+        predictor = ({k: shifted(p) for k, p in predictor.items()} if isinstance(predictor, dict)
+                     else shifted(predictor))
     for p in predictor.values() if isinstance(predictor, dict) else [predictor]:
         p.name = args.label or p.name
     summary = run_evaluation(
@@ -154,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", default=None,
                    help="replace the models' threshold rule: absolute:V (decoded mask > V in [-1, 1]; "
                         "SD-FSMIS default absolute:0) or relative:F (> F x the slice's max; DiffewS relative:0.25)")
+    e.add_argument("--query-shift", type=int, nargs=2, metavar=("DX", "DY"), default=None,
+                   help="position probe: move every query slice DX px right and DY px down before predicting "
+                        "(the masks are moved back): appearance matchers keep their Dice, position copiers lose it")
     e.set_defaults(func=_evaluate)
 
     tb = sub.add_parser("table", help="one Markdown table from several evaluation summary.json files")

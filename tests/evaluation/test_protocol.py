@@ -271,7 +271,7 @@ def test_cli_loads_a_model_per_organ(tmp_path, tiny_model, capsys):
 
 
 def test_paste_copies_the_majority_support_mask_at_the_query_size():
-    from sdfsmis.evaluation.paste import PastePredictor
+    from sdfsmis.evaluation.position import PastePredictor
 
     masks = torch.zeros(3, 8, 8)
     masks[:, 2:6, 2:6] = 1
@@ -288,7 +288,7 @@ def test_paste_is_perfect_where_organs_never_move_and_ignores_the_images(tmp_pat
     kidney only change their z range): paste scores Dice 1 on all of them; a query image turned to
     noise changes nothing."""
     from sdfsmis.data.prepared import PreparedDataset
-    from sdfsmis.evaluation.paste import PastePredictor
+    from sdfsmis.evaluation.position import PastePredictor
 
     prepared = PreparedDataset(write_prepared(tmp_path / "prep"))
     res = evaluate(PastePredictor(), prepared, folds=(0,), progress=False)
@@ -304,3 +304,26 @@ def test_cli_evaluate_method_paste(tmp_path):
     assert main(["-q", "evaluate", str(prep), "--method", "paste", "--folds", "0", "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["method"] == "paste" and summary["mean"]["dice"] == 1.0
+
+
+def test_query_shift_probe_separates_appearance_from_position(tmp_path):
+    """Moving the queries leaves an appearance matcher (the oracle) perfect and breaks paste; the
+    masks come back in the true query's frame; the CLI flag runs the probe."""
+    from sdfsmis.cli import main
+    from sdfsmis.data.prepared import PreparedDataset
+    from sdfsmis.evaluation.position import PastePredictor, ShiftedQueries, translate
+
+    x = torch.arange(12.0).view(1, 3, 4)
+    assert torch.equal(translate(x, 1, 0, -1.0)[0], torch.tensor([[-1, 0, 1, 2], [-1, 4, 5, 6], [-1, 8, 9, 10.]]))
+    assert torch.equal(translate(translate(x, 0, -2, 0.0), 0, 2, 0.0)[0, 2], x[0, 2])
+    prepared = PreparedDataset(write_prepared(tmp_path / "prep"))
+    oracle = evaluate(ShiftedQueries(OraclePredictor(), -2, 2), prepared, folds=(0,), progress=False)
+    paste = evaluate(ShiftedQueries(PastePredictor(), -2, 2), prepared, folds=(0,), progress=False)
+    assert all(c.dice == 1.0 for c in oracle.cases)
+    assert oracle.method == "oracle, query moved (-2, 2) px"
+    assert max(c.dice for c in paste.cases) < 0.7
+    args = ["-q", "evaluate", str(tmp_path / "prep"), "--method", "paste", "--folds", "0",
+            "--query-shift", "-2", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mean"]["dice"] == pytest.approx(paste.summary()["mean"]["dice"])
