@@ -182,8 +182,8 @@ class LatentCache:
 
     def prefill(self) -> None:
         """Encode every mask an episode can draw (:meth:`EpisodeSampler.drawable_masks`) now, in
-        chunks of ``chunk`` on all the threads torch may use, and store them; training then never
-        waits for the encoder."""
+        chunks of ``chunk`` on all the threads torch may use, and store them as they come; training
+        then never waits for the encoder."""
         self._slice_encodings()
         todo = [(self.sampler.slice_range(sid).start + z, t) for sid in self.sampler.train_ids
                 for z, t in self.sampler.drawable_masks(sid).tolist()]
@@ -192,7 +192,7 @@ class LatentCache:
         for i in tqdm(range(0, len(todo), step), desc=f"encoding {len(todo)} masks", disable=not self.progress):
             idx, tgt = (np.asarray(v, np.int64) for v in zip(*todo[i: i + step]))
             self.mask_latents(idx, tgt)
-        self.save()
+            self.save()  # a stopped fill keeps what it encoded (masks come scan by scan)
 
     def mask_latents(self, index: np.ndarray, target: np.ndarray) -> Tensor:
         """float16 ``[M, 4, h, w]``: latents of the masks ``(index[i], target[i])``, encoding new ones."""
