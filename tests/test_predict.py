@@ -118,7 +118,7 @@ def test_predict_writes_query_geometry_and_support_ids(scans, tiny_model, tmp_pa
     # organ 3 spans z 1..5 of the support: chunks [1, 2], [3, 4], [5] -> middle slices 2, 4, 5
     assert organs[3]["support_slices"] == [[2], [4], [5]]
     assert summary["model"]["checkpoint"] == str(tiny_model) and summary["seconds"] > 0
-    assert "label 3" in str(res)
+    assert "3 left_kidney" in str(res)  # CHAOS names of known ids by default
 
 
 def test_labels_option_uint16_ids_and_shots(tmp_path, tiny_model):
@@ -240,7 +240,7 @@ def test_failure_during_writing_leaves_nothing(scans, tiny_model, tmp_path, monk
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(P, "_montage", boom)
+    monkeypatch.setattr(P, "montage", boom)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(RuntimeError, match="disk full"):
@@ -391,23 +391,22 @@ def test_output_paths():
 
 def test_query_latent_reuse_matches_predict_with_support(tiny_model):
     """Encoding query slices once for all organs gives the model's own ``predict_with_support``."""
+    from sdfsmis.inference.slices import QueryEncoder, SlicePipeline
     from sdfsmis.models.io import load_pretrained
 
     model = load_pretrained(tiny_model)
     rng = np.random.default_rng(0)
-    q = rng.uniform(-1, 1, (20, 24, 5)).astype(np.float32)
-    grid = P.SliceGrid.fit((20, 24), (1.0, 1.0), 24 / 32, size=32)
-    sup = torch.rand(1, 1, 32, 32) * 2 - 1
-    with torch.inference_mode():
-        cache = model.prepare_support(sup, (sup > 0).float())
-        shared = P._QueryRunner(model, q, grid, torch.device("cpu"))
-        assert shared.split
-        first = shared([1, 3], cache)
-        again = shared([0, 1, 2, 3], cache)  # 1 and 3 reuse their latents
-        plain = P._QueryRunner(model, q, grid, torch.device("cpu"))
-        plain.split = False
-        ref = plain([0, 1, 2, 3], cache)
-    assert first.shape == (2, 20, 24) and set(shared.latents) == {0, 1, 2, 3}
+    q = torch.from_numpy(rng.uniform(-1, 1, (5, 20, 24)).astype(np.float32))
+    pipe = SlicePipeline(model, "cpu", batch_size=16, precision="fp32")
+    g_s, g_q, _ = pipe.grids((20, 24), (20, 24))
+    sup = torch.rand(1, 20, 24) * 2 - 1
+    cache = pipe.prepare_support(sup, (sup > 0).float(), g_s)
+    enc = QueryEncoder(pipe)
+    first = pipe.probabilities(q[[1, 3]], cache, g_q, enc, keys=[1, 3])
+    again = pipe.probabilities(q, cache, g_q, enc, keys=[0, 1, 2, 3, 4])  # 1 and 3 reuse their latents
+    pipe.split = False
+    ref = pipe.probabilities(q, cache, g_q)
+    assert first.shape == (2, 20, 24) and set(enc.cache) == {0, 1, 2, 3, 4}
     torch.testing.assert_close(again, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(first, ref[[1, 3]], atol=1e-5, rtol=1e-4)
 
