@@ -46,7 +46,8 @@ def check_output(out: str | Path, inputs: Sequence[str | Path] = ()) -> tuple[Pa
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdfsmis-write-test-"):
             pass
     except OSError as err:
-        raise InputError(paths[0], f"output folder {folder} is not writable ({err.strerror or err})") from None
+        raise InputError(paths[0], f"cannot create files in the output folder {folder} "
+                                   f"({err.strerror or err}); choose another --out") from None
     return paths
 
 
