@@ -83,6 +83,6 @@ def test_names_and_flag_names_in_messages(tmp_path, capsys):
             "--query", str(tmp_path / "q.nii.gz"), "--out", str(tmp_path / "o.nii.gz"), "-q"]
     assert main([*base, "--min-area", "-1"]) == 2
     assert "--min-area" in capsys.readouterr().err
-    assert main([*base[:-3], "/proc/x.nii.gz", "-q"]) == 2
+    assert main([*base[:-2], "/proc/x.nii.gz", "-q"]) == 2
     err = capsys.readouterr().err
     assert "cannot create files in the output folder /proc" in err and "--out" in err
