@@ -160,7 +160,7 @@ def montage(path: Path, support: np.ndarray, support_mask: np.ndarray, query: np
             if reference is not None:
                 ax = axes[row][2 + k * per_query]
                 ax.set_axis_on()
-                _panel(ax, query[:, :, z], [(reference[:, :, z] == plan.label, (1.0, 1.0, 1.0))], spacing[1],
+                _panel(ax, query[:, :, z], [(reference[:, :, z] == plan.label, colour)], spacing[1],
                        f"reference, slice {z}", directions)
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=11, frameon=False)
     fig.tight_layout(rect=(0, 0.6 / (3.4 * len(plans) + 0.8), 1, 1))
