@@ -452,3 +452,20 @@ def test_predictions_stay_inside_the_query_body(scans, tiny_model, tmp_path, mon
     no_body = np.asarray(nib.load(_run(scans, tmp_path / "b.nii.gz", tiny_model, **kw).segmentation).dataobj)
     assert no_body[:, :, 0].any() and not with_body[:, :, 0].any()
     assert np.all((with_body == no_body) | (with_body == 0))  # the mask only removes
+
+
+def test_degenerate_inputs_are_warned_about(scans, tiny_model, tmp_path):
+    """A one-slice query and an organ of a single support voxel are accepted, with a warning each."""
+    q_img, _ = _scan(1)
+    one = _save(scans["dir"] / "one.nii.gz", q_img[:, :, 3:4], _ras_affine())
+    s_img, s_lab = _scan(0)
+    s_lab[s_lab == 7] = 0
+    s_lab[10, 12, 4] = 7
+    mask = _save(scans["dir"] / "tiny_mask.nii.gz", s_lab.astype(np.uint8), _ras_affine())
+    with pytest.warns(UserWarning) as caught:
+        res = P.predict(scans["support"], mask, one, tmp_path / "o.nii.gz", checkpoint=tiny_model, progress=False,
+                        overlay=False, device="cpu")
+    text = " ".join(str(w.message) for w in caught)
+    assert "single slice" in text and "label 7 has only 1 voxel" in text
+    assert res.summary["warnings"] and "warning: " in str(res)
+    assert nib.load(res.segmentation).shape == (20, 24, 1)
