@@ -318,7 +318,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
                      "threads": torch.get_num_threads()},
         "slice_index": "index along the query's slice axis (see slice_axis; the file's voxel axis file_axis, "
                        "counted towards the last letter of directions)",
-        "slice_axis": {"support": inputs.support.cut.describe(), "query": inputs.query.cut.describe()},
+        "slice_axis": {"support": inputs.support.cut.describe(), "query": inputs.query.cut.describe(),
+                       "angle_deg": inputs.slice_angle_deg},
         "modality": {"support": s_mod, "query": q_mod},
         "warnings": list(inputs.warnings),
         "query_orientation": "".join(nib.aff2axcodes(inputs.query.file_affine)),

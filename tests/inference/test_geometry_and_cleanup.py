@@ -126,3 +126,27 @@ def test_clean_labels_does_not_fill_into_another_organ():
     lab[0, 11, 0] = 1  # stray voxel
     out = clean_labels(lab)
     assert (out == 2).sum() == 12 and out[0, 11, 0] == 0 and (out == 1).sum() == 64 * 3 - 12
+
+
+def test_support_in_plane_axes_follow_the_query():
+    """Two short-axis stacks tilted 43 and 46 degrees (closest canonical planes differ: coronal and
+    sagittal): the support's in-plane axes still match the query's, so the slices look alike."""
+    from sdfsmis.inference.geometry import _out_vectors, align_to, normal_angle
+
+    def tilted(deg: float) -> np.ndarray:
+        t = np.radians(deg)
+        r = np.eye(4)
+        r[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+        return r @ _affine((1.25, 1.25, 8.0), perm=(2, 0, 1))  # in-plane axes along S and R, slices along A
+
+    s_aff, q_aff = tilted(43), tilted(46)
+    q_aff = q_aff @ np.diag([-1, 1, -1, 1])  # and stored with two axes reversed
+    q_cut = slice_axis(q_aff)
+    s_own = slice_axis(s_aff)
+    s_cut = align_to(s_aff, s_own, q_aff, q_cut)
+    assert s_own.view != q_cut.view  # canonical planes alone would disagree
+    vs, vq = _out_vectors(s_aff, s_cut), _out_vectors(q_aff, q_cut)
+    assert all(vs[i] @ vq[i] > 0.9 for i in range(3))
+    assert normal_angle(s_aff, s_cut, q_aff, q_cut) < 10
+    axial, coronal = _affine((1, 1, 5)), _affine((1, 5, 1))
+    assert normal_angle(axial, slice_axis(axial), coronal, slice_axis(coronal)) == pytest.approx(90)

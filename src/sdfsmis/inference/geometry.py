@@ -15,6 +15,14 @@ query slices therefore look alike whatever the files' voxel orders.
 ``axis="axial"|"coronal"|"sagittal"`` cuts along the voxel axis closest to the world S, A or R
 axis instead (a reformatted view when that is not the acquisition's axis).
 
+Support against query (:func:`align_to`): the query is cut by the rule above; the support is cut
+along its own acquisition axis too, but its in-plane axes are ordered and flipped to match the
+query's in-plane directions as closely as possible (and its slice index to run the same way), so
+two oblique stacks of the same kind (short-axis cardiac series tilted differently, whose closest
+canonical planes may differ) still give slices that look alike. When the two slice normals are
+more than 45 degrees apart (say an axial support and a coronal query) the slices cannot look alike:
+``predict`` warns, and ``--axis`` cuts both along the same world axis.
+
 Everything is a nibabel orientation (``ornt``: for each file axis, the output axis and a flip), so
 going back is exact: :func:`to_file_order`.
 """
@@ -77,6 +85,46 @@ def slice_axis(affine: np.ndarray, axis: str = "auto") -> SliceAxis:
     letters = tuple(_LETTERS[w][1] for w in (u, v, world_t))
     return SliceAxis(ornt=ornt, file_axis=int(through), view=_VIEW[world_t],
                      oblique_deg=float(np.degrees(np.arccos(cos))), directions=letters)  # type: ignore[arg-type]
+
+
+def _out_vectors(affine: np.ndarray, cut: SliceAxis) -> np.ndarray:
+    """World unit vector of each output axis ``[3 (output axis), 3 (xyz)]``."""
+    d, _ = _unit_columns(affine)
+    out = np.zeros((3, 3))
+    for j, (o, flip) in enumerate(cut.ornt):
+        out[int(o)] = flip * d[:, j]
+    return out
+
+
+def _letter(v: np.ndarray) -> str:
+    w = int(np.argmax(np.abs(v)))
+    return _LETTERS[w][1 if v[w] >= 0 else 0]
+
+
+def align_to(affine: np.ndarray, cut: SliceAxis, ref_affine: np.ndarray, ref_cut: SliceAxis) -> SliceAxis:
+    """``cut`` (of a volume with ``affine``) with its in-plane axes ordered and flipped to match the
+    in-plane directions of ``ref_cut`` (of ``ref_affine``), its slice index running the same way."""
+    d, _ = _unit_columns(affine)
+    ref = _out_vectors(ref_affine, ref_cut)
+    through = cut.file_axis
+    a, b = [j for j in range(3) if j != through]
+    if abs(d[:, a] @ ref[0]) + abs(d[:, b] @ ref[1]) < abs(d[:, b] @ ref[0]) + abs(d[:, a] @ ref[1]):
+        a, b = b, a
+    ornt = np.zeros((3, 2))
+    for out, j in enumerate((a, b, through)):
+        ornt[j] = (out, 1.0 if d[:, j] @ ref[out] >= 0 else -1.0)
+    new = SliceAxis(ornt=ornt, file_axis=through, view=cut.view, oblique_deg=cut.oblique_deg,
+                    directions=cut.directions)
+    letters = tuple(_letter(v) for v in _out_vectors(affine, new))
+    return SliceAxis(ornt=ornt, file_axis=through, view=cut.view, oblique_deg=cut.oblique_deg,
+                     directions=letters)  # type: ignore[arg-type]
+
+
+def normal_angle(affine: np.ndarray, cut: SliceAxis, ref_affine: np.ndarray, ref_cut: SliceAxis) -> float:
+    """Angle in degrees (0..90) between the slice normals of two cuts."""
+    n1 = _out_vectors(affine, cut)[2]
+    n2 = _out_vectors(ref_affine, ref_cut)[2]
+    return float(np.degrees(np.arccos(min(1.0, abs(float(n1 @ n2))))))
 
 
 def to_slice_order(data: np.ndarray, affine: np.ndarray, cut: SliceAxis) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .geometry import SliceAxis, slice_axis, to_file_order, to_slice_order
+from .geometry import SliceAxis, align_to, normal_angle, slice_axis, to_file_order, to_slice_order
 
 MAX_LABEL = 65535  # output is uint8, or uint16 above 255
 MIN_SUPPORT_VOXELS = 10  # fewer voxels of an organ in the support: warned about
@@ -45,6 +45,7 @@ class Inputs:
     query: Oriented
     labels: list[int]
     warnings: list[str]
+    slice_angle_deg: float = 0.0  # angle between the support's and the query's slice normals
 
 
 def orient(vol: Any, axis: str = "auto", cut: SliceAxis | None = None) -> Oriented:
@@ -74,9 +75,10 @@ def load_inputs(support_image: str | Path, support_mask: str | Path, query: str 
     The shared reader (``sdfsmis.data.nifti.load_volume``) checks each file (exists, readable 3-D
     NIfTI, finite, non-constant image, non-negative integer labels); here: the mask matches the support
     image in shape and affine, is not empty, holds every id of ``labels`` and no id above 65535; the
-    affines are not degenerate; slices are at least 8x8 voxels. Degenerate but usable inputs (a
-    query of one slice, an organ of fewer than 10 voxels in the support, support and query cut in
-    different planes) are warned about (``warnings.warn`` and ``Inputs.warnings``).
+    affines are not degenerate; slices are at least 8x8 voxels. The support's in-plane axes follow
+    the query's (:func:`.geometry.align_to`). Degenerate but usable inputs (a query of one slice, an
+    organ of fewer than 10 voxels in the support, support and query slices more than 45 degrees
+    apart) are warned about (``warnings.warn`` and ``Inputs.warnings``).
     """
     from ..data.nifti import check_pair, check_support_mask, load_volume
     from .geometry import AXES
@@ -103,8 +105,14 @@ def load_inputs(support_image: str | Path, support_mask: str | Path, query: str 
             raise InputError(support_mask, "the list of --labels to segment is empty")
         for label in chosen:
             check_support_mask(m_vol.array, support_mask, label)
-    support, qvol = orient(s_vol, axis), orient(q_vol, axis)
+    qvol = orient(q_vol, axis)
+    s_affine = np.asarray(s_vol.affine, np.float64)
+    if abs(float(np.linalg.det(s_affine[:3, :3]))) < 1e-9:
+        raise InputError(s_vol.path, "invalid affine in the header: the voxel axes are degenerate (singular)")
+    s_cut = align_to(s_affine, slice_axis(s_affine, axis), qvol.file_affine, qvol.cut)
+    support = orient(s_vol, cut=s_cut)
     mask = orient(m_vol, cut=support.cut)
+    angle = normal_angle(s_affine, s_cut, qvol.file_affine, qvol.cut)
     for vol in (support, qvol):
         if min(vol.data.shape[:2]) < 8:
             raise InputError(vol.path, f"slices of {vol.data.shape[:2]} voxels (cut along file axis "
@@ -118,10 +126,11 @@ def load_inputs(support_image: str | Path, support_mask: str | Path, query: str 
         if n < MIN_SUPPORT_VOXELS:
             notes.append(f"{mask.path}: label {label} has only {n} voxel(s) in the support; its prediction will "
                          "be unreliable")
-    if support.cut.view != qvol.cut.view:
-        notes.append(f"support is cut {support.cut.view} (file axis {support.cut.file_axis}) but the query "
-                     f"{qvol.cut.view} (file axis {qvol.cut.file_axis}): their slices may look different; "
-                     "pass --axis to cut both the same way")
+    if angle > 45.0:
+        notes.append(f"support slices (file axis {support.cut.file_axis}, {support.cut.view}) and query slices "
+                     f"(file axis {qvol.cut.file_axis}, {qvol.cut.view}) are {angle:.0f} degrees apart: they "
+                     "cannot look alike; pass --axis to cut both along the same world axis")
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return Inputs(support=support, mask=mask, query=qvol, labels=chosen, warnings=notes)
+    return Inputs(support=support, mask=mask, query=qvol, labels=chosen, warnings=notes,
+                  slice_angle_deg=round(angle, 1))
