@@ -161,7 +161,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     _use_all_cores()
     run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-             progress=not args.quiet, precision=args.precision)
+             progress=not args.quiet, precision=args.precision, cleanup=not args.no_cleanup)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="sdfsmis-demo", help="output folder")
     d.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
     _inference_flags(d)
+    d.add_argument("--no-cleanup", action="store_true", help="score the raw prediction (no 3-D clean-up)")
     d.set_defaults(func=_demo)
     return parser
 
