@@ -5,7 +5,8 @@ For a support set ``(images [K, H, W], masks [K, H, W])`` and queries ``[N, H', 
 
 1. Every slice goes through the slice pipeline shared with ``predict`` and ``evaluate``
    (:mod:`sdfsmis.inference.slices`: one pixel size for support and query, aspect kept, padded
-   to 256x256 with -1), is replicated to 3 channels and passed through the frozen TAESD encoder (``sdfsmis.models.vae.load_taesd``, weights packaged with sdfsmis).
+   to 256x256 with -1), is replicated to 3 channels and passed through the frozen TAESD encoder
+   (``sdfsmis.models.vae.load_taesd``, weights packaged with sdfsmis).
    The feature space (``BaselineConfig.feature``):
 
    - ``"features64"`` (default): the 64-channel map at 64x64 (1/4 resolution) after the encoder's

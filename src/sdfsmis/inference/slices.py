@@ -54,7 +54,8 @@ class SliceGrid:
     def fit(cls, native: Sequence[int], spacing: Sequence[float], pixel_mm: float, size: int = GRID) -> SliceGrid:
         scaled = tuple(int(min(size, max(1, round(n * s / pixel_mm)))) for n, s in zip(native, spacing))
         offset = tuple((size - n) // 2 for n in scaled)
-        return cls(native=(int(native[0]), int(native[1])), scaled=scaled, offset=offset, size=int(size))  # type: ignore[arg-type]
+        native_ = (int(native[0]), int(native[1]))
+        return cls(native=native_, scaled=scaled, offset=offset, size=int(size))  # type: ignore[arg-type]
 
     def to_model(self, slices: torch.Tensor, pad_value: float = -1.0) -> torch.Tensor:
         """``[N, nx, ny]`` images -> ``[N, 1, size, size]``."""
