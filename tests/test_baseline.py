@@ -28,7 +28,10 @@ def test_predict_shapes_range_and_threshold(tiny):
     assert prob.shape == (3, 20, 28) and prob.dtype == torch.float32
     assert float(prob.min()) >= 0 and float(prob.max()) <= 1
     # the 0.5 cut of the protocol is exactly similarity >= threshold
-    sim = tiny.similarity(tiny.prototype(s_img, s_msk), q)
+    from sdfsmis.inference.slices import common_grids
+
+    g_s, g_q, _ = common_grids((24, 24), (20, 28), tiny.config.size)  # the shared slice pipeline's grids
+    sim = tiny.similarity(tiny.prototype(s_img, s_msk, g_s), q, g_q)
     assert torch.equal(prob >= 0.5, sim >= tiny.config.threshold)
     assert tiny.config.threshold == 0.85
 

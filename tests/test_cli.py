@@ -40,3 +40,49 @@ def test_table_combines_summaries(tmp_path, capsys):
     assert "| TAESD prototype (training-free) |" in out and "| another method | 1 |" in out
     assert main(["table", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_version_quiet_anywhere_and_help_texts(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("sdfsmis ")
+    from sdfsmis.cli import build_parser
+
+    args = build_parser().parse_args(["table", "x.json", "-q"])  # -q after the subcommand
+    assert args.quiet
+    assert not getattr(build_parser().parse_args(["table", "x.json"]), "quiet", False)
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert "example:" in text and "(default: 0.2)" in text and "(default: auto)" in text
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path, capsys):
+    import sdfsmis.demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sdfsmis.demo, "run_demo", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "d"), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "sdfsmis demo: interrupted"
+
+
+def test_names_and_flag_names_in_messages(tmp_path, capsys):
+    from sdfsmis.cli import parse_names
+    from sdfsmis.errors import InputError
+
+    assert parse_names(["1=liver", "2=kidney_r"]) == {1: "liver", 2: "kidney_r"}
+    assert parse_names(["labels.json"]) == "labels.json" and parse_names(None) is None
+    with pytest.raises(InputError, match="--names"):
+        parse_names(["1=liver", "spleen"])
+    for file in ("s", "m", "q"):
+        (tmp_path / f"{file}.nii.gz").write_bytes(b"")
+    base = ["predict", "--support-image", str(tmp_path / "s.nii.gz"), "--support-mask", str(tmp_path / "m.nii.gz"),
+            "--query", str(tmp_path / "q.nii.gz"), "--out", str(tmp_path / "o.nii.gz"), "-q"]
+    assert main([*base, "--min-area", "-1"]) == 2
+    assert "--min-area" in capsys.readouterr().err
+    assert main([*base[:-2], "/proc/x.nii.gz", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create files in the output folder /proc" in err and "--out" in err

@@ -118,7 +118,7 @@ def test_predict_writes_query_geometry_and_support_ids(scans, tiny_model, tmp_pa
     # organ 3 spans z 1..5 of the support: chunks [1, 2], [3, 4], [5] -> middle slices 2, 4, 5
     assert organs[3]["support_slices"] == [[2], [4], [5]]
     assert summary["model"]["checkpoint"] == str(tiny_model) and summary["seconds"] > 0
-    assert "label 3" in str(res)
+    assert "3 left_kidney" in str(res)  # CHAOS names of known ids by default
 
 
 def test_labels_option_uint16_ids_and_shots(tmp_path, tiny_model):
@@ -240,7 +240,7 @@ def test_failure_during_writing_leaves_nothing(scans, tiny_model, tmp_path, monk
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(P, "_montage", boom)
+    monkeypatch.setattr(P, "montage", boom)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(RuntimeError, match="disk full"):
@@ -391,23 +391,22 @@ def test_output_paths():
 
 def test_query_latent_reuse_matches_predict_with_support(tiny_model):
     """Encoding query slices once for all organs gives the model's own ``predict_with_support``."""
+    from sdfsmis.inference.slices import QueryEncoder, SlicePipeline
     from sdfsmis.models.io import load_pretrained
 
     model = load_pretrained(tiny_model)
     rng = np.random.default_rng(0)
-    q = rng.uniform(-1, 1, (20, 24, 5)).astype(np.float32)
-    grid = P.SliceGrid.fit((20, 24), (1.0, 1.0), 24 / 32, size=32)
-    sup = torch.rand(1, 1, 32, 32) * 2 - 1
-    with torch.inference_mode():
-        cache = model.prepare_support(sup, (sup > 0).float())
-        shared = P._QueryRunner(model, q, grid, torch.device("cpu"))
-        assert shared.split
-        first = shared([1, 3], cache)
-        again = shared([0, 1, 2, 3], cache)  # 1 and 3 reuse their latents
-        plain = P._QueryRunner(model, q, grid, torch.device("cpu"))
-        plain.split = False
-        ref = plain([0, 1, 2, 3], cache)
-    assert first.shape == (2, 20, 24) and set(shared.latents) == {0, 1, 2, 3}
+    q = torch.from_numpy(rng.uniform(-1, 1, (5, 20, 24)).astype(np.float32))
+    pipe = SlicePipeline(model, "cpu", batch_size=16, precision="fp32")
+    g_s, g_q, _ = pipe.grids((20, 24), (20, 24))
+    sup = torch.rand(1, 20, 24) * 2 - 1
+    cache = pipe.prepare_support(sup, (sup > 0).float(), g_s)
+    enc = QueryEncoder(pipe)
+    first = pipe.probabilities(q[[1, 3]], cache, g_q, enc, keys=[1, 3])
+    again = pipe.probabilities(q, cache, g_q, enc, keys=[0, 1, 2, 3, 4])  # 1 and 3 reuse their latents
+    pipe.split = False
+    ref = pipe.probabilities(q, cache, g_q)
+    assert first.shape == (2, 20, 24) and set(enc.cache) == {0, 1, 2, 3, 4}
     torch.testing.assert_close(again, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(first, ref[[1, 3]], atol=1e-5, rtol=1e-4)
 
@@ -453,3 +452,20 @@ def test_predictions_stay_inside_the_query_body(scans, tiny_model, tmp_path, mon
     no_body = np.asarray(nib.load(_run(scans, tmp_path / "b.nii.gz", tiny_model, **kw).segmentation).dataobj)
     assert no_body[:, :, 0].any() and not with_body[:, :, 0].any()
     assert np.all((with_body == no_body) | (with_body == 0))  # the mask only removes
+
+
+def test_degenerate_inputs_are_warned_about(scans, tiny_model, tmp_path):
+    """A one-slice query and an organ of a single support voxel are accepted, with a warning each."""
+    q_img, _ = _scan(1)
+    one = _save(scans["dir"] / "one.nii.gz", q_img[:, :, 3:4], _ras_affine())
+    s_img, s_lab = _scan(0)
+    s_lab[s_lab == 7] = 0
+    s_lab[10, 12, 4] = 7
+    mask = _save(scans["dir"] / "tiny_mask.nii.gz", s_lab.astype(np.uint8), _ras_affine())
+    with pytest.warns(UserWarning) as caught:
+        res = P.predict(scans["support"], mask, one, tmp_path / "o.nii.gz", checkpoint=tiny_model, progress=False,
+                        overlay=False, device="cpu")
+    text = " ".join(str(w.message) for w in caught)
+    assert "single slice" in text and "label 7 has only 1 voxel" in text
+    assert res.summary["warnings"] and "warning: " in str(res)
+    assert nib.load(res.segmentation).shape == (20, 24, 1)

@@ -3,8 +3,10 @@
 For a support set ``(images [K, H, W], masks [K, H, W])`` and queries ``[N, H', W']`` (images in
 [-1, 1], native size):
 
-1. Every slice is resized to 256x256 (bilinear), replicated to 3 channels and passed through the
-   frozen TAESD encoder (``sdfsmis.models.vae.load_taesd``, weights packaged with sdfsmis).
+1. Every slice goes through the slice pipeline shared with ``predict`` and ``evaluate``
+   (:mod:`sdfsmis.inference.slices`: one pixel size for support and query, aspect kept, padded
+   to 256x256 with -1), is replicated to 3 channels and passed through the frozen TAESD encoder
+   (``sdfsmis.models.vae.load_taesd``, weights packaged with sdfsmis).
    The feature space (``BaselineConfig.feature``):
 
    - ``"features64"`` (default): the 64-channel map at 64x64 (1/4 resolution) after the encoder's
@@ -17,7 +19,7 @@ For a support set ``(images [K, H, W], masks [K, H, W])`` and queries ``[N, H', 
    feature grid (the fraction of each cell covered by the mask), one prototype per shot, averaged
    over the ``K`` shots.
 3. Cosine similarity between the prototype and each query feature vector, upsampled bilinearly to
-   the query's native size.
+   the grid, cropped and resampled to the query's native size.
 4. Probability ``sigmoid((similarity - threshold) / temperature)``: exactly 0.5 at the threshold,
    so the protocol's 0.5 cut equals ``similarity >= threshold``.
 
@@ -34,6 +36,7 @@ Dice spleen 46.00, liver 36.22, LK 31.14, RK 21.57, mean 33.73 %; 2.8 slices/s o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import InputError
+from .inference.slices import SliceGrid, common_grids
 
 #: Encoder depth (number of ``encoder.layers`` run) and default similarity threshold per space.
 FEATURE_SPACES: dict[str, tuple[int | None, float]] = {
@@ -90,26 +94,30 @@ class PrototypeBaseline:
         for p in self.encoder.parameters():
             p.requires_grad_(False)
 
+    def _grid(self, shape: tuple[int, ...], grid: SliceGrid | None) -> SliceGrid:
+        return grid or common_grids(shape[-2:], shape[-2:], self.config.size)[0]
+
     @torch.inference_mode()
-    def features(self, images: Tensor) -> Tensor:
-        """[N, H, W] images in [-1, 1] -> [N, C, h, w] features (C = 64 or 4), computed in batches."""
+    def features(self, images: Tensor, grid: SliceGrid | None = None) -> Tensor:
+        """[N, H, W] images in [-1, 1] -> [N, C, h, w] features (C = 64 or 4), computed in batches.
+        ``grid``: how the slices become 256x256 (default: square pixels, aspect kept, padded)."""
+        grid = self._grid(tuple(images.shape), grid)
         out = []
-        size = (self.config.size, self.config.size)
         for i in range(0, images.shape[0], self.config.batch_size):
-            x = images[i: i + self.config.batch_size, None].float().to(self.device)
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = grid.to_model(images[i: i + self.config.batch_size].float()).to(self.device)
             out.append(self.encoder(x.expand(-1, 3, -1, -1).add(1).div(2)).float())
         return torch.cat(out)
 
     @torch.inference_mode()
-    def prototype(self, support_images: Tensor, support_masks: Tensor) -> Tensor:
+    def prototype(self, support_images: Tensor, support_masks: Tensor, grid: SliceGrid | None = None) -> Tensor:
         """[K, H, W] images and {0, 1} masks -> [C] prototype (mean over shots of masked averages)."""
         if support_images.ndim != 3 or support_images.shape != support_masks.shape:
             raise InputError(None, f"support images and masks must both be [K, H, W], got "
                                    f"{tuple(support_images.shape)} and {tuple(support_masks.shape)}")
-        feats = self.features(support_images)  # [K, C, h, w]
-        weights = F.adaptive_avg_pool2d(support_masks[:, None].float().to(self.device), feats.shape[-2:])
+        grid = self._grid(tuple(support_images.shape), grid)
+        feats = self.features(support_images, grid)  # [K, C, h, w]
+        on_grid = grid.to_model(support_masks.float(), pad_value=0.0).to(self.device)
+        weights = F.adaptive_avg_pool2d(on_grid, feats.shape[-2:])
         area = weights.sum(dim=(1, 2, 3))
         if bool((area <= 0).any()):
             empty = [int(k) for k in torch.nonzero(area <= 0).flatten()]
@@ -118,18 +126,23 @@ class PrototypeBaseline:
         return protos.mean(dim=0)
 
     @torch.inference_mode()
-    def similarity(self, prototype: Tensor, query_images: Tensor) -> Tensor:
+    def similarity(self, prototype: Tensor, query_images: Tensor, grid: SliceGrid | None = None) -> Tensor:
         """[C] prototype, [N, H, W] queries -> [N, H, W] cosine similarity at native size (CPU)."""
-        feats = self.features(query_images)
+        grid = self._grid(tuple(query_images.shape), grid)
+        feats = self.features(query_images, grid)
         sim = F.cosine_similarity(feats, prototype.to(feats)[None, :, None, None], dim=1)
-        sim = F.interpolate(sim[:, None], size=tuple(query_images.shape[-2:]), mode="bilinear", align_corners=False)
-        return sim[:, 0].cpu()
+        sim = F.interpolate(sim[:, None], size=(grid.size, grid.size), mode="bilinear", align_corners=False)
+        return grid.from_model(sim.cpu(), clamp=False)
 
-    def predict(self, support_images: Tensor, support_masks: Tensor, query_images: Tensor) -> Tensor:
-        """[K, H, W] supports, [N, H, W] queries -> [N, H, W] float32 foreground probability."""
+    def predict(self, support_images: Tensor, support_masks: Tensor, query_images: Tensor,
+                spacing: Sequence[Sequence[float]] | None = None) -> Tensor:
+        """[K, H, W] supports, [N, H, W] queries -> [N, H, W] float32 foreground probability.
+        ``spacing``: ``((support dx, dy), (query dx, dy))`` in mm (default: equal square pixels)."""
         if query_images.ndim != 3:
             raise InputError(None, f"query images must be [N, H, W], got {tuple(query_images.shape)}")
         if query_images.shape[0] == 0:
             return torch.zeros(query_images.shape, dtype=torch.float32)
-        sim = self.similarity(self.prototype(support_images, support_masks), query_images)
+        sp_s, sp_q = (None, None) if spacing is None else spacing
+        g_s, g_q, _ = common_grids(support_images.shape[-2:], query_images.shape[-2:], self.config.size, sp_s, sp_q)
+        sim = self.similarity(self.prototype(support_images, support_masks, g_s), query_images, g_q)
         return torch.sigmoid((sim - self.config.threshold) / self.config.temperature).float()

@@ -7,7 +7,9 @@
     sdfsmis predict   --support-image S --support-mask M --query Q --out OUT  (sdfsmis.predict.predict)
     sdfsmis demo      [--out DIR]                            (sdfsmis.demo.run_demo)
 
-Bad input ends with a one-line error naming the file and the problem, and exit status 2.
+Bad input ends with a one-line error naming the file and the problem, and exit status 2;
+Ctrl-C ends with one line and exit status 130 (outputs are written to temporary names, so nothing
+half-written is left).
 """
 
 from __future__ import annotations
@@ -41,7 +43,28 @@ def parse_threshold(text: str) -> tuple[str, float]:
     return rule, number
 
 
-def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None):
+def _use_all_cores() -> None:
+    """Inference uses every core this process may run on, unless OMP_NUM_THREADS says otherwise."""
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else (os.cpu_count() or 1)))
+
+
+def _device_name(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; other names unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None,
+                   precision: str = "auto"):
     """``paste`` (the position-only control), ``baseline`` (training-free TAESD prototype matching)
     or a trained model directory, whose threshold rule becomes ``threshold`` (rule, value) if given."""
     if method == "paste":
@@ -51,17 +74,18 @@ def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[s
     if method == "baseline":
         from .baseline import PrototypeBaseline
 
-        return PrototypeBaseline(device=device)
+        return PrototypeBaseline(device=_device_name(device))
     from .models.io import load_pretrained
     from .models.predictor import ModelPredictor
 
     path = Path(method)
     if not (path / "config.json").is_file():
         raise InputError(path, "not a trained model directory (no config.json); use 'baseline' or a model dir")
+    device = _device_name(device)
     model = load_pretrained(path, device=device)
     if threshold is not None:
         model.config.threshold, model.config.threshold_value = threshold
-    return ModelPredictor(model, device=device, batch_size=batch_size)
+    return ModelPredictor(model, device=device, batch_size=batch_size, precision=precision)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -69,8 +93,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     threshold = None if args.threshold is None else parse_threshold(args.threshold)
 
+    _use_all_cores()
+
     def load(method: str):
-        return make_predictor(method, args.device, args.batch_size, threshold)
+        return make_predictor(method, args.device, args.batch_size, threshold, args.precision)
 
     if "{organ}" in args.method:  # one model per organ (and per fold when '{fold}' is there too)
         organs = open_prepared(args.prepared).spec.eval_organs
@@ -91,6 +117,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     summary = run_evaluation(
         predictor, Path(args.prepared), Path(args.out), folds=tuple(args.folds), support=args.support,
         shots=args.shots, n_chunks=args.chunks, progress=not args.quiet, setting=args.setting,
+        cleanup=args.cleanup,
     )
     print(summary)
 
@@ -112,28 +139,99 @@ def _train(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from .predict import predict
 
+    _use_all_cores()
     result = predict(
         Path(args.support_image), Path(args.support_mask), Path(args.query), Path(args.out),
         labels=args.labels, shots=args.shots, checkpoint=args.checkpoint, device=args.device,
         batch_size=args.batch_size, overlay=not args.no_overlay, progress=not args.quiet,
         z_margin=None if args.all_slices else args.z_margin, min_area_mm2=args.min_area, chunks=args.chunks,
+        axis=args.axis, modality=args.modality, window=args.window, cleanup=not args.no_cleanup,
+        precision=args.precision, names=parse_names(args.names),
     )
     print(result)
+
+
+def parse_names(items: list[str] | None):
+    """``--names 1=liver 2=kidney_r`` -> {1: "liver", 2: "kidney_r"}; one item without ``=`` is a JSON
+    label-map file; None stays None."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    out = {}
+    for item in items:
+        key, sep, name = item.partition("=")
+        if not sep or not name or not key.strip().isdigit():
+            raise InputError(None, f"--names {item!r}: expected ID=NAME (e.g. 1=liver) or one JSON label-map file")
+        out[int(key)] = name
+    return out
 
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    _use_all_cores()
     run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-             progress=not args.quiet)
+             progress=not args.quiet, precision=args.precision, cleanup=not args.no_cleanup)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; descriptions and examples kept as written."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdfsmis")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
+PREDICT_HELP = """Segment the organs of an annotated support scan in another scan (NIfTI in, NIfTI out).
+
+Each label of the support mask is segmented in the query, slice by slice along each scan's acquisition
+axis; CT is windowed like the training data; per organ the largest 3-D component is kept.
+Writes OUT.nii.gz (labels in the query's geometry), OUT.png (overlay) and OUT.json (summary).
+
+example:
+  sdfsmis predict --support-image s.nii.gz --support-mask s_labels.nii.gz \\
+                  --query q.nii.gz --out q_labels.nii.gz --names 1=liver 2=kidney_r
+"""
+DEMO_HELP = """Segment a bundled CHAOS MRI scan (patient 15) from another annotated one (patient 39) with the
+bundled model, write the prediction, overlay (prediction beside the manual labels) and summary, and
+print each organ's Dice.
+
+example:
+  sdfsmis demo --out sdfsmis-demo
+"""
+EVALUATE_HELP = """Run the few-shot evaluation protocol (Dice, HD95, ASSD) on a prepared dataset.
+
+example:
+  sdfsmis evaluate prepared/abd-mri --method baseline --folds 0 --out results/baseline-f0
+"""
+
+
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=16, help="query slices per model call")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto/bf16: bfloat16 autocast (CPU and CUDA); fp32: full precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdfsmis", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    parser = argparse.ArgumentParser(prog="sdfsmis", description=__doc__.split("\n\n")[0], parents=[common],
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="normalise volumes, index slices, compute supervoxels")
+    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description or help, parents=[common],
+                              formatter_class=_Help)
+
+    p = add("prepare", "normalise volumes, index slices, compute supervoxels")
     p.add_argument("source", help="folder of image_<id>.nii.gz / label_<id>.nii.gz pairs")
     p.add_argument("--dataset", required=True, help="abd-mri, abd-ct, card-mri, or a dataset .json")
     p.add_argument("--out", required=True, help="output folder (written once; re-runs skip done scans)")
@@ -143,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo every scan")
     p.set_defaults(func=_prepare)
 
-    e = sub.add_parser("evaluate", help="run the few-shot evaluation protocol (Dice, HD95, ASSD)")
+    e = add("evaluate", "run the few-shot evaluation protocol (Dice, HD95, ASSD)", EVALUATE_HELP)
     e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
     e.add_argument("--method", default="baseline",
                    help="'paste' (position-only control: the support mask copied onto the query), "
@@ -154,8 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")
     e.add_argument("--shots", type=int, default=1, help="support slices per chunk")
     e.add_argument("--chunks", type=int, default=3, help="chunks of the organ's slices (protocol: 3)")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=16)
+    _inference_flags(e)
     e.add_argument("--label", default=None, help="method name in the tables (default: the predictor's)")
     e.add_argument("--setting", default="", help="setting label in the tables, e.g. 1 or 2")
     e.add_argument("--threshold", default=None,
@@ -164,52 +261,68 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--query-shift", type=int, nargs=2, metavar=("DX", "DY"), default=None,
                    help="position probe: move every query slice DX px right and DY px down before predicting "
                         "(the masks are moved back): appearance matchers keep their Dice, position copiers lose it")
+    e.add_argument("--cleanup", action="store_true",
+                   help="keep each case's largest 3-D connected component and fill holes (as predict does)")
     e.set_defaults(func=_evaluate)
 
-    tb = sub.add_parser("table", help="one Markdown table from several evaluation summary.json files")
+    tb = add("table", "one Markdown table from several evaluation summary.json files")
     tb.add_argument("summaries", nargs="+", help="summary.json files written by 'sdfsmis evaluate'")
     tb.set_defaults(func=_table)
 
-    t = sub.add_parser("train", help="train SD-FSMIS, DiffewS or SDSeg")
+    t = add("train", "train SD-FSMIS, DiffewS or SDSeg")
     t.add_argument("--config", default=None, help="JSON or TOML training config")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. iterations=2000 model.method=diffews "
                                                    "resume=runs/x/checkpoints/step_0001000")
     t.set_defaults(func=_train)
 
-    r = sub.add_parser("predict", help="segment the support's organs in a query scan (NIfTI in, NIfTI out)")
-    r.add_argument("--support-image", required=True)
-    r.add_argument("--support-mask", required=True, help="label volume; every label present is segmented")
-    r.add_argument("--query", required=True)
+    r = add("predict", "segment the support's organs in a query scan (NIfTI in, NIfTI out)", PREDICT_HELP)
+    r.add_argument("--support-image", required=True, help="the annotated scan (NIfTI)")
+    r.add_argument("--support-mask", required=True, help="its label volume; every label present is segmented")
+    r.add_argument("--query", required=True, help="the scan to segment (NIfTI)")
     r.add_argument("--out", required=True, help="output label volume (.nii.gz), in the query's geometry")
-    r.add_argument("--labels", type=int, nargs="+", default=None, help="only these label ids")
+    r.add_argument("--labels", type=int, nargs="+", default=None, help="only these label ids (default: all)")
+    r.add_argument("--names", nargs="+", default=None, metavar="ID=NAME",
+                   help="organ names for the overlay and summary: 1=liver 2=kidney_r ... or one JSON label-map "
+                        "file (default: CHAOS / Synapse names of known ids)")
     r.add_argument("--shots", type=int, default=1, help="support slices per chunk")
     r.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--batch-size", type=int, default=16)
+    _inference_flags(r)
+    r.add_argument("--axis", choices=["auto", "axial", "coronal", "sagittal"], default="auto",
+                   help="slice axis: auto = each scan's acquisition (thickest-spacing) axis")
+    r.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto",
+                   help="auto: CT recognised from its HU values; ct scans are windowed (--window)")
+    r.add_argument("--window", type=float, nargs=2, default=[-125.0, 275.0], metavar=("LO", "HI"),
+                   help="CT window in HU applied before normalisation")
     r.add_argument("--chunks", type=int, default=3, help="chunks of each organ's z-extent (protocol: 3)")
     r.add_argument("--z-margin", type=float, default=0.2,
                    help="widening of the organ's mapped z-range, as a fraction of the query's body extent")
     r.add_argument("--all-slices", action="store_true", help="consider every query slice (no z-range)")
     r.add_argument("--min-area", type=float, default=50.0, help="smallest kept area of a predicted slice, mm^2")
+    r.add_argument("--no-cleanup", action="store_true",
+                   help="keep the raw prediction (no largest-component / hole-filling clean-up)")
     r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
     r.set_defaults(func=_predict)
 
-    d = sub.add_parser("demo", help="segment a bundled CHAOS MRI scan from another one and report Dice")
+    d = add("demo", "segment a bundled CHAOS MRI scan from another one and report Dice", DEMO_HELP)
     d.add_argument("--out", default="sdfsmis-demo", help="output folder")
     d.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--batch-size", type=int, default=16)
+    _inference_flags(d)
+    d.add_argument("--no-cleanup", action="store_true", help="score the raw prediction (no 3-D clean-up)")
     d.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
     try:
         args.func(args)
     except InputError as err:
         print(f"sdfsmis {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sdfsmis {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -48,15 +48,16 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(dice(pred, gt))
 
 
-def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | None = None, device: str = "cpu",
+def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | None = None, device: str = "auto",
              labels: Sequence[int] | None = None, batch_size: int = 16, progress: bool = True,
-             verbose: bool = True) -> dict[str, Any]:
+             verbose: bool = True, precision: str = "auto", cleanup: bool = True) -> dict[str, Any]:
     """Run the demo; returns ``{"dice": {organ: value}, "segmentation", "overlay", "summary", "seconds"}``.
 
     ``out_dir`` is created if needed; the prediction goes to ``out_dir/query_prediction.nii.gz`` (with
     ``.png`` and ``.json`` next to it) and the Dice values to ``out_dir/dice.json``. ``checkpoint``:
     a trained model directory (default: the bundled model). ``labels``: only these CHAOS ids
-    (1 liver, 2 right kidney, 3 left kidney, 4 spleen).
+    (1 liver, 2 right kidney, 3 left kidney, 4 spleen). ``precision``, ``cleanup``: as in ``predict``.
+    The overlay shows the manual labels beside the prediction.
     """
     from .predict import predict
 
@@ -68,7 +69,8 @@ def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | N
         raise InputError(out_dir, f"cannot create the output folder ({err.strerror or err})") from None
     result = predict(files["support_image"], files["support_mask"], files["query"],
                      out_dir / "query_prediction.nii.gz", labels=labels, checkpoint=checkpoint, device=device,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, progress=progress, precision=precision, cleanup=cleanup,
+                     names=ORGANS, reference=files["query_label"])
     pred = np.asarray(nib.load(str(result.segmentation)).dataobj)
     gt = np.asarray(nib.load(str(files["query_label"])).dataobj)
     scores = {}
@@ -83,6 +85,8 @@ def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | N
         "summary": str(result.summary_path),
         "model": result.summary["model"]["checkpoint"],
         "seconds": result.summary["seconds"],
+        "timing": result.summary["timing"],
+        "slices_per_s": result.summary["slices_per_s"],
     }
     tmp = out_dir / f".dice.json.{os.getpid()}.tmp"
     try:
@@ -96,7 +100,8 @@ def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | N
         print(f"model: {report['model']}")
         for organ, value in scores.items():
             print(f"  Dice {organ:<13s} {value:.3f}")
-        print(f"  mean Dice     {report['mean_dice']:.3f}   ({report['seconds']:.1f} s)")
+        print(f"  mean Dice     {report['mean_dice']:.3f}   ({report['seconds']:.1f} s, "
+              f"{report['slices_per_s']} slices/s)")
         print(f"segmentation: {report['segmentation']}")
         if report["overlay"]:
             print(f"overlay:      {report['overlay']}")

@@ -55,9 +55,14 @@ class ShiftedQueries:
     def config(self):
         return getattr(self.predictor, "config", None)
 
-    def predict(self, support_images: Tensor, support_masks: Tensor, query_images: Tensor) -> Tensor:
+    def predict(self, support_images: Tensor, support_masks: Tensor, query_images: Tensor,
+                spacing=None) -> Tensor:
+        from .protocol import _takes_spacing
+
         moved = translate(query_images, self.dx, self.dy, -1.0)
-        return translate(self.predictor.predict(support_images, support_masks, moved), -self.dx, -self.dy, 0.0)
+        extra = {"spacing": spacing} if spacing is not None and _takes_spacing(self.predictor) else {}
+        prob = self.predictor.predict(support_images, support_masks, moved, **extra)
+        return translate(torch.as_tensor(prob), -self.dx, -self.dy, 0.0)
 
 
 __all__ = ["PastePredictor", "ShiftedQueries", "translate"]

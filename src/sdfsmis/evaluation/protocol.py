@@ -225,6 +225,7 @@ def evaluate(
     n_chunks: int = 3,
     shots: int = 1,
     progress: bool = True,
+    cleanup: bool = False,
 ) -> EvalResult:
     """Run the protocol of this module on a :class:`~sdfsmis.data.prepared.PreparedDataset`.
 
@@ -233,6 +234,8 @@ def evaluate(
     or Setting 2 with one model per organ group); the row is then over all folds, as in the papers'
     tables.
     ``organs`` defaults to ``spec.eval_organs``. All options are checked before any prediction.
+    ``cleanup``: the predicted slab of each case keeps its largest 3-D connected component with holes
+    filled (``sdfsmis.inference.cleanup.clean_mask``, what ``predict`` does by default).
     A query scan without the organ is skipped and listed in ``EvalResult.skipped``; a support scan
     without the organ is an :class:`InputError`.
     """
@@ -269,6 +272,7 @@ def evaluate(
         "n_chunks": n_chunks,
         "shots": shots,
         "prob_threshold": PROB_THRESHOLD,
+        "cleanup": bool(cleanup),
         "predictor": getattr(first, "name", type(first).__name__),
         "predictor_config": _describe(first),
         "prepared": None if root is None else str(root),
@@ -293,7 +297,7 @@ def evaluate(
                     skipped.append({"fold": fold, "query_id": qid, "organ": organ, "reason": "organ absent"})
                 else:
                     cases.append(_run_case(pick(fold, organ), sup_scan, qscan, lid, q_z, sup_slices[fold, organ],
-                                           fold, organ, qid, p["support"], n_chunks, shots))
+                                           fold, organ, qid, p["support"], n_chunks, shots, cleanup))
                 if bar is not None:
                     bar.update(1)
     if bar is not None:
@@ -303,9 +307,19 @@ def evaluate(
     )
 
 
+def _takes_spacing(predictor: Any) -> bool:
+    """Whether ``predictor.predict`` accepts ``spacing=((support dx, dy), (query dx, dy))``."""
+    import inspect
+
+    try:
+        return "spacing" in inspect.signature(predictor.predict).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _run_case(
     predictor: Predictor, sup: _Scan, qry: _Scan, lid: int, q_z: list[int], s_z: list[int],
-    fold: int, organ: str, qid: str, sid: str, n_chunks: int, shots: int,
+    fold: int, organ: str, qid: str, sid: str, n_chunks: int, shots: int, cleanup: bool = False,
 ) -> CaseResult:
     z0, z1 = q_z[0], q_z[-1] + 1
     pred = np.zeros(qry.label.shape[:2] + (z1 - z0,), dtype=bool)
@@ -318,7 +332,10 @@ def _run_case(
         )
         q_img = _slices(qry.image, q_chunk)
         t0 = time.perf_counter()
-        prob = predictor.predict(s_img, s_msk, q_img)
+        if _takes_spacing(predictor):  # the shared slice pipeline needs the pixel sizes
+            prob = predictor.predict(s_img, s_msk, q_img, spacing=(sup.spacing[:2], qry.spacing[:2]))
+        else:
+            prob = predictor.predict(s_img, s_msk, q_img)
         seconds += time.perf_counter() - t0
         prob = torch.as_tensor(prob).detach().to("cpu", torch.float32)
         if tuple(prob.shape) != tuple(q_img.shape):
@@ -329,6 +346,10 @@ def _run_case(
         for k, z in enumerate(q_chunk):
             pred[:, :, z - z0] = hard[k]
         used.append(s_chunk)
+    if cleanup:
+        from ..inference.cleanup import clean_mask
+
+        pred = clean_mask(pred)
     gt = qry.label[:, :, z0:z1] == lid
     m = all_metrics(pred, gt, qry.spacing)
     n = len(q_z)
