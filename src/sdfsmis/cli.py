@@ -5,6 +5,8 @@
     sdfsmis table     SUMMARY.json ...                       (sdfsmis.evaluation.report.combine_summaries)
     sdfsmis train     --config FILE [key=value ...]          (sdfsmis.train.train)
     sdfsmis predict   --support-image S --support-mask M --query Q --out OUT  (sdfsmis.predict.predict)
+    sdfsmis predict   --support-set SET.sdfset --query Q --out OUT  (sdfsmis.support_sets.predict_with_set)
+    sdfsmis serve     [--host 127.0.0.1] [--port 8000] [--workspace DIR]  (sdfsmis.serve.serve)
     sdfsmis demo      [--out DIR]                            (sdfsmis.demo.run_demo)
 
 Bad input ends with a one-line error naming the file and the problem, and exit status 2.
@@ -101,13 +103,31 @@ def _train(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from .predict import predict
 
-    result = predict(
-        Path(args.support_image), Path(args.support_mask), Path(args.query), Path(args.out),
+    if args.support_set is not None:
+        if args.support_image or args.support_mask:
+            raise InputError(args.support_set, "give either --support-set or --support-image/--support-mask")
+        from .support_sets import predict_with_set
+
+        run = lambda q, o, **kw: predict_with_set(Path(args.support_set), q, o, **kw)  # noqa: E731
+    elif not (args.support_image and args.support_mask):
+        raise InputError(None, "give --support-image and --support-mask, or --support-set FILE")
+    else:
+        run = lambda q, o, **kw: predict(Path(args.support_image), Path(args.support_mask), q, o, **kw)  # noqa: E731
+    result = run(
+        Path(args.query), Path(args.out),
         labels=args.labels, shots=args.shots, checkpoint=args.checkpoint, device=args.device,
         batch_size=args.batch_size, overlay=not args.no_overlay, progress=not args.quiet,
         z_margin=None if args.all_slices else args.z_margin, min_area_mm2=args.min_area, chunks=args.chunks,
     )
     print(result)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(host=args.host, port=args.port, workspace=args.workspace, token=args.token,
+          max_upload_mb=args.max_upload_mb, checkpoint=args.checkpoint, device=args.device,
+          batch_size=args.batch_size)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -162,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     r = sub.add_parser("predict", help="segment the support's organs in a query scan (NIfTI in, NIfTI out)")
-    r.add_argument("--support-image", required=True)
-    r.add_argument("--support-mask", required=True, help="label volume; every label present is segmented")
+    r.add_argument("--support-image", default=None)
+    r.add_argument("--support-mask", default=None, help="label volume; every label present is segmented")
+    r.add_argument("--support-set", default=None, help="a support set file (.sdfset, saved by 'sdfsmis serve') "
+                                                       "instead of --support-image/--support-mask")
     r.add_argument("--query", required=True)
     r.add_argument("--out", required=True, help="output label volume (.nii.gz), in the query's geometry")
     r.add_argument("--labels", type=int, nargs="+", default=None, help="only these label ids")
@@ -178,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-area", type=float, default=50.0, help="smallest kept area of a predicted slice, mm^2")
     r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
     r.set_defaults(func=_predict)
+
+    v = sub.add_parser("serve", help="local web app: annotate a slice, segment the volume, correct, reuse")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--workspace", default="sdfsmis-workspace", help="folder of scans, results and support sets")
+    v.add_argument("--token", default=None, help="access token every request must carry (use when binding "
+                                                 "another address than 127.0.0.1)")
+    v.add_argument("--max-upload-mb", type=float, default=512.0, help="largest accepted upload")
+    v.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="segment a bundled CHAOS MRI scan from another one and report Dice")
     d.add_argument("--out", default="sdfsmis-demo", help="output folder")

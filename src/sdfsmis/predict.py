@@ -510,13 +510,15 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
             labels: Sequence[int] | None = None, shots: int = 1, checkpoint: str | Path | None = None,
             device: str = "cpu", batch_size: int = 16, overlay: bool = True, progress: bool = True,
             z_margin: float | None = 0.2, min_area_mm2: float = 50.0, chunks: int = 3,
-            seed: int = 0) -> PredictResult:
+            seed: int = 0, progress_callback: Any = None) -> PredictResult:
     """Segment the support mask's organs (or ``labels``) in ``query``; write OUT.nii.gz/.png/.json.
 
     ``shots``: support slices per chunk; ``chunks``: chunks of the organ's z-extent (protocol: 3);
     ``z_margin``: widening of the mapped z-range, as a fraction of the query's body z-extent (None:
     every slice); ``min_area_mm2``: smallest foreground area a predicted slice keeps. See the module
     doc for the rules. Raises :class:`InputError` on bad input, before any output is written.
+    ``progress_callback(done, total)``, if given, is called after each batch of query slices; an
+    exception it raises (e.g. to cancel) stops the prediction before anything is written.
     """
     from tqdm.auto import tqdm
 
@@ -558,6 +560,9 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     with torch.random.fork_rng(devices=[]), tqdm(total=total, desc="predict", unit="slice",
                                                  disable=not progress) as pbar:
         torch.manual_seed(seed)
+        if progress_callback is not None:
+            _update = pbar.update
+            pbar.update = lambda n=1: (_update(n), progress_callback(int(pbar.n), total))[0]  # type: ignore[method-assign]
         for plan in plans:
             t0 = time.perf_counter()
             pbar.set_postfix(label=plan.label)
