@@ -560,9 +560,15 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     with torch.random.fork_rng(devices=[]), tqdm(total=total, desc="predict", unit="slice",
                                                  disable=not progress) as pbar:
         torch.manual_seed(seed)
-        if progress_callback is not None:
-            _update = pbar.update
-            pbar.update = lambda n=1: (_update(n), progress_callback(int(pbar.n), total))[0]  # type: ignore[method-assign]
+        if progress_callback is not None:  # called after each batch (the bar may be disabled)
+            _update, _done = pbar.update, [0]
+
+            def _tick(n: int = 1) -> None:
+                _update(n)
+                _done[0] += n
+                progress_callback(_done[0], total)
+
+            pbar.update = _tick  # type: ignore[method-assign]
         for plan in plans:
             t0 = time.perf_counter()
             pbar.set_postfix(label=plan.label)
