@@ -165,6 +165,14 @@ def test_draw_segment_download(browser, server, tmp_path):
         page.click("#dl-json")
     info.value.save_as(tmp_path / "seg.json")
     assert '"organs"' in (tmp_path / "seg.json").read_text()
+    # correct and add: the result on another slice is copied into the drawing, next to the drawn slice
+    z2 = max(int(k) for k in np.flatnonzero(liver.any(axis=(0, 1))) if k != z)
+    page.evaluate("([z]) => { const nv = window.sdfsmis.nv; const f = nv.scene.crosshairPos;"
+                  " nv.scene.crosshairPos = nv.vox2frac([nv.frac2vox(f)[0], nv.frac2vox(f)[1], z]); nv.drawScene(); }",
+                  [z2])
+    page.click("#fromresult")
+    page.wait_for_function("(t) => document.getElementById('support').textContent.endsWith(t)",
+                           arg=f"{min(z, z2)}, {max(z, z2)}")
     page.close()
 
 
