@@ -290,3 +290,19 @@ def test_support_set_file_round_trip_and_cli(tmp_path, tiny_model):
             zf.writestr("support_set.json", "{}")
         support_sets.load(bad)
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_serve_command_defaults_to_loopback(monkeypatch, tmp_path, capsys):
+    import uvicorn
+
+    from sdfsmis.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(host=host, port=port))
+    assert main(["serve", "--host", "192.0.2.1", "--port", "9", "--workspace", str(tmp_path / "w"),
+                 "--token", "t0k"]) == 0
+    out = capsys.readouterr()
+    assert seen == {"host": "192.0.2.1", "port": 9} and "warning: serving on 192.0.2.1" in out.err
+    assert "http://192.0.2.1:9/?token=t0k" in out.out and (tmp_path / "w" / "support-sets").is_dir()
