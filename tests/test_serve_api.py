@@ -123,6 +123,9 @@ def test_token_and_host(tmp_path):
         assert c.get("/api/scans").status_code == 200  # the cookie now carries it
     with client(tmp_path / "ws") as c:
         assert c.get("/api/scans", headers={"Host": "attacker.example"}).status_code == 400
+        r = c.post("/api/demo", headers={"Origin": "http://attacker.example"})
+        assert r.status_code == 403 and not (tmp_path / "ws" / "demo").exists()
+        assert c.post("/api/demo", headers={"Origin": "http://127.0.0.1"}).status_code == 200
 
 
 # ------------------------------------------------------------------------------------- jobs

@@ -45,7 +45,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 class _Limits:
-    """ASGI middleware: body size limit (413 before anything is parsed or written), access token, Host."""
+    """ASGI middleware: Host (loopback names only, against DNS rebinding), no cross-site writes (Origin),
+    access token, body size limit (413 before anything is parsed or written)."""
 
     def __init__(self, app: Any, cfg: ServeConfig):
         self.app, self.cfg = app, cfg
@@ -60,6 +61,10 @@ class _Limits:
                 else headers.get("host", "").split("]")[0] + "]"
             if host not in self.cfg.allowed_hosts:
                 return await _error(400, f"host {host!r} not allowed")(scope, receive, send)
+        origin = headers.get("origin")
+        if scope["method"] not in ("GET", "HEAD") and origin is not None \
+                and origin.split("://", 1)[-1] != headers.get("host"):
+            return await _error(403, "cross-site request refused")(scope, receive, send)  # another site's page
         if self.cfg.token is not None and not self._authorised(scope, headers):
             return await _error(401, "access token required (open the address printed by 'sdfsmis serve')")(
                 scope, receive, send)
