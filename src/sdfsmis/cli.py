@@ -5,6 +5,8 @@
     sdfsmis table     SUMMARY.json ...                       (sdfsmis.evaluation.report.combine_summaries)
     sdfsmis train     --config FILE [key=value ...]          (sdfsmis.train.train)
     sdfsmis predict   --support-image S --support-mask M --query Q --out OUT  (sdfsmis.predict.predict)
+    sdfsmis predict   --support-set SET.sdfset --query Q --out OUT  (sdfsmis.support_sets.predict_with_set)
+    sdfsmis serve     [--host 127.0.0.1] [--port 8000] [--workspace DIR]  (sdfsmis.serve.serve)
     sdfsmis demo      [--out DIR]                            (sdfsmis.demo.run_demo)
 
 Bad input ends with a one-line error naming the file and the problem, and exit status 2;
@@ -140,8 +142,18 @@ def _predict(args: argparse.Namespace) -> None:
     from .predict import predict
 
     _use_all_cores()
-    result = predict(
-        Path(args.support_image), Path(args.support_mask), Path(args.query), Path(args.out),
+    if args.support_set is not None:
+        if args.support_image or args.support_mask:
+            raise InputError(args.support_set, "give either --support-set or --support-image/--support-mask")
+        from .support_sets import predict_with_set
+
+        run = lambda q, o, **kw: predict_with_set(Path(args.support_set), q, o, **kw)  # noqa: E731
+    elif not (args.support_image and args.support_mask):
+        raise InputError(None, "give --support-image and --support-mask, or --support-set FILE")
+    else:
+        run = lambda q, o, **kw: predict(Path(args.support_image), Path(args.support_mask), q, o, **kw)  # noqa: E731
+    result = run(
+        Path(args.query), Path(args.out),
         labels=args.labels, shots=args.shots, checkpoint=args.checkpoint, device=args.device,
         batch_size=args.batch_size, overlay=not args.no_overlay, progress=not args.quiet,
         z_margin=None if args.all_slices else args.z_margin, min_area_mm2=args.min_area, chunks=args.chunks,
@@ -165,6 +177,14 @@ def parse_names(items: list[str] | None):
             raise InputError(None, f"--names {item!r}: expected ID=NAME (e.g. 1=liver) or one JSON label-map file")
         out[int(key)] = name
     return out
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(host=args.host, port=args.port, workspace=args.workspace, token=args.token,
+          max_upload_mb=args.max_upload_mb, checkpoint=args.checkpoint, device=args.device,
+          batch_size=args.batch_size)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -276,8 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     r = add("predict", "segment the support's organs in a query scan (NIfTI in, NIfTI out)", PREDICT_HELP)
-    r.add_argument("--support-image", required=True, help="the annotated scan (NIfTI)")
-    r.add_argument("--support-mask", required=True, help="its label volume; every label present is segmented")
+    r.add_argument("--support-image", default=None, help="the annotated scan (NIfTI)")
+    r.add_argument("--support-mask", default=None, help="its label volume; every label present is segmented")
+    r.add_argument("--support-set", default=None, help="a support set file (.sdfset, saved by 'sdfsmis serve') "
+                                                       "instead of --support-image/--support-mask")
     r.add_argument("--query", required=True, help="the scan to segment (NIfTI)")
     r.add_argument("--out", required=True, help="output label volume (.nii.gz), in the query's geometry")
     r.add_argument("--labels", type=int, nargs="+", default=None, help="only these label ids (default: all)")
@@ -302,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the raw prediction (no largest-component / hole-filling clean-up)")
     r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
     r.set_defaults(func=_predict)
+
+    v = add("serve", "local web app: annotate a slice, segment the volume, correct, reuse")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--workspace", default="sdfsmis-workspace", help="folder of scans, results and support sets")
+    v.add_argument("--token", default=None, help="access token every request must carry (use when binding "
+                                                 "another address than 127.0.0.1)")
+    v.add_argument("--max-upload-mb", type=float, default=512.0, help="largest accepted upload")
+    v.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
+    v.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda ...")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.set_defaults(func=_serve)
 
     d = add("demo", "segment a bundled CHAOS MRI scan from another one and report Dice", DEMO_HELP)
     d.add_argument("--out", default="sdfsmis-demo", help="output folder")

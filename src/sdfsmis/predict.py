@@ -200,7 +200,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
             z_margin: float | None = 0.2, min_area_mm2: float = 50.0, chunks: int = 3, seed: int = 0,
             axis: str = "auto", modality: str = "auto", window: Sequence[float] = ABDOMINAL_WINDOW,
             cleanup: bool = True, precision: str = "auto", names: Mapping[int, str] | str | Path | None = None,
-            reference: str | Path | None = None) -> PredictResult:
+            reference: str | Path | None = None, progress_callback: Any = None) -> PredictResult:
     """Segment the support mask's organs (or ``labels``) in ``query``; write OUT.nii.gz/.png/.json.
 
     ``shots``: support slices per chunk; ``chunks``: chunks of the organ's extent (protocol: 3);
@@ -211,6 +211,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     ``precision``: ``auto`` (bf16 autocast) or ``fp32``; ``device``: ``auto`` (CUDA if available),
     ``cpu``, ``cuda``...; ``names``: ``{id: name}`` or a JSON label map (default: the training
     datasets' names); ``reference``: a label volume of the query (shown beside the prediction).
+    ``progress_callback(done, total)``, if given, is called after each batch of query slices; an
+    exception it raises (e.g. to cancel) stops the prediction before anything is written.
     Raises :class:`InputError` on bad input, before any output is written.
 
     The summary (``PredictResult.summary``, also ``OUT.json``): ``format_version`` (2), ``inputs``,
@@ -274,6 +276,15 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     with torch.random.fork_rng(devices=[]), tqdm(total=total, desc="predict", unit="slice",
                                                  disable=not progress) as pbar:
         torch.manual_seed(seed)
+        if progress_callback is not None:  # called after each batch (the bar may be disabled)
+            _update, _done = pbar.update, [0]
+
+            def _tick(n: int = 1) -> None:
+                _update(n)
+                _done[0] += n
+                progress_callback(_done[0], total)
+
+            pbar.update = _tick  # type: ignore[method-assign]
         for plan in plans:
             t1 = time.perf_counter()
             pbar.set_postfix(organ=organ_names.get(plan.label, plan.label))
