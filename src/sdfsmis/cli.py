@@ -41,20 +41,26 @@ def parse_threshold(text: str) -> tuple[str, float]:
     return rule, number
 
 
-def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None):
-    """``baseline`` (training-free TAESD prototype matching) or a trained model directory, whose
-    threshold rule becomes ``threshold`` (rule, value) if given."""
+def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None,
+                   backbone_path: str | None = None, image_encoder_path: str | None = None):
+    """``baseline`` (training-free TAESD prototype matching), ``bundled`` (the packaged model) or a
+    trained model directory, whose threshold rule becomes ``threshold`` (rule, value) if given.
+    ``backbone_path`` / ``image_encoder_path`` override a model's saved SD / DINOv2 paths."""
     if method == "baseline":
+        if threshold is not None:
+            raise InputError(None, "--threshold applies to trained models; the baseline has no threshold rule")
         from .baseline import PrototypeBaseline
 
         return PrototypeBaseline(device=device)
     from .models.io import load_pretrained
     from .models.predictor import ModelPredictor
+    from .predict import DEFAULT_MODEL_DIR
 
-    path = Path(method)
+    path = DEFAULT_MODEL_DIR if method == "bundled" else Path(method)
     if not (path / "config.json").is_file():
-        raise InputError(path, "not a trained model directory (no config.json); use 'baseline' or a model dir")
-    model = load_pretrained(path, device=device)
+        raise InputError(path, "not a trained model directory (no config.json); use 'baseline', "
+                               "'bundled' or a model dir")
+    model = load_pretrained(path, device=device, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
     if threshold is not None:
         model.config.threshold, model.config.threshold_value = threshold
     return ModelPredictor(model, device=device, batch_size=batch_size)
@@ -66,7 +72,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     threshold = None if args.threshold is None else parse_threshold(args.threshold)
 
     def load(method: str):
-        return make_predictor(method, args.device, args.batch_size, threshold)
+        return make_predictor(method, args.device, args.batch_size, threshold,
+                              args.backbone_path, args.image_encoder_path)
 
     if "{organ}" in args.method:  # one model per organ (and per fold when '{fold}' is there too)
         organs = open_prepared(args.prepared).spec.eval_organs
@@ -90,10 +97,23 @@ def _table(args: argparse.Namespace) -> None:
     print(combine_summaries(args.summaries))
 
 
+def _console_log() -> None:
+    """The package's INFO messages (resume, init_from, fresh optimizer, ...) on stderr."""
+    import logging
+
+    logger = logging.getLogger("sdfsmis")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sdfsmis: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .train import load_config, train
 
     cfg = load_config(args.config, args.overrides)
+    _console_log()
     out = train(cfg, progress=not args.quiet)
     print(f"trained model written to {out}")
 
@@ -106,6 +126,7 @@ def _predict(args: argparse.Namespace) -> None:
         labels=args.labels, shots=args.shots, checkpoint=args.checkpoint, device=args.device,
         batch_size=args.batch_size, overlay=not args.no_overlay, progress=not args.quiet,
         z_margin=None if args.all_slices else args.z_margin, min_area_mm2=args.min_area, chunks=args.chunks,
+        backbone_path=args.backbone_path, image_encoder_path=args.image_encoder_path,
     )
     print(result)
 
@@ -115,6 +136,13 @@ def _demo(args: argparse.Namespace) -> None:
 
     run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
              progress=not args.quiet)
+
+
+def _add_path_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone-path", default=None,
+                   help="SD folder / single file / hub id replacing the model's saved backbone.path")
+    p.add_argument("--image-encoder-path", default=None,
+                   help="DINOv2 folder / hub id replacing the model's saved backbone.image_encoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="run the few-shot evaluation protocol (Dice, HD95, ASSD)")
     e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
     e.add_argument("--method", default="baseline",
-                   help="'baseline' or a trained model directory; '{fold}' in it is replaced by each fold "
+                   help="'baseline', 'bundled' (the packaged model) or a trained model directory; '{fold}' in it is replaced by each fold "
                         "(a model trained per fold), '{organ}' by each evaluated organ (a model per organ)")
     e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
     e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -149,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", default=None,
                    help="replace the models' threshold rule: absolute:V (decoded mask > V in [-1, 1]; "
                         "SD-FSMIS default absolute:0) or relative:F (> F x the slice's max; DiffewS relative:0.25)")
+    _add_path_overrides(e)
     e.set_defaults(func=_evaluate)
 
     tb = sub.add_parser("table", help="one Markdown table from several evaluation summary.json files")
@@ -168,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output label volume (.nii.gz), in the query's geometry")
     r.add_argument("--labels", type=int, nargs="+", default=None, help="only these label ids")
     r.add_argument("--shots", type=int, default=1, help="support slices per chunk")
-    r.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
+    r.add_argument("--checkpoint", default=None,
+                   help="trained model directory or 'bundled' (default: the bundled model)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--chunks", type=int, default=3, help="chunks of each organ's z-extent (protocol: 3)")
@@ -177,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all-slices", action="store_true", help="consider every query slice (no z-range)")
     r.add_argument("--min-area", type=float, default=50.0, help="smallest kept area of a predicted slice, mm^2")
     r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
+    _add_path_overrides(r)
     r.set_defaults(func=_predict)
 
     d = sub.add_parser("demo", help="segment a bundled CHAOS MRI scan from another one and report Dice")

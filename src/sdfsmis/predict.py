@@ -268,7 +268,7 @@ def plan_organ(label: int, organ_z: Sequence[int], support_body: tuple[int, int]
 # ---------------------------------------------------------------------------------- the model
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     """The model directory to use: ``checkpoint``, or the bundled default model. Raises InputError."""
-    if checkpoint is None:
+    if checkpoint is None or str(checkpoint) == "bundled":
         path = DEFAULT_MODEL_DIR
         if not (path / "config.json").is_file():
             raise InputError(path, "no trained default model is bundled yet; pass --checkpoint DIR")
@@ -291,12 +291,14 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def load_model(path: Path, device: torch.device) -> Any:
+def load_model(path: Path, device: torch.device, backbone_path: str | Path | None = None,
+               image_encoder_path: str | Path | None = None) -> Any:
     """Load a trained model directory (``sdfsmis.models.io.load_pretrained``) in eval mode."""
     from .models.io import load_pretrained
 
     try:
-        model = load_pretrained(path, device=device)
+        model = load_pretrained(path, device=device, backbone_path=backbone_path,
+                                image_encoder_path=image_encoder_path)
     except InputError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -510,13 +512,16 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
             labels: Sequence[int] | None = None, shots: int = 1, checkpoint: str | Path | None = None,
             device: str = "cpu", batch_size: int = 16, overlay: bool = True, progress: bool = True,
             z_margin: float | None = 0.2, min_area_mm2: float = 50.0, chunks: int = 3,
-            seed: int = 0) -> PredictResult:
+            seed: int = 0, backbone_path: str | Path | None = None,
+            image_encoder_path: str | Path | None = None) -> PredictResult:
     """Segment the support mask's organs (or ``labels``) in ``query``; write OUT.nii.gz/.png/.json.
 
     ``shots``: support slices per chunk; ``chunks``: chunks of the organ's z-extent (protocol: 3);
     ``z_margin``: widening of the mapped z-range, as a fraction of the query's body z-extent (None:
     every slice); ``min_area_mm2``: smallest foreground area a predicted slice keeps. See the module
-    doc for the rules. Raises :class:`InputError` on bad input, before any output is written.
+    doc for the rules. ``checkpoint="bundled"`` (or None) is the packaged model;
+    ``backbone_path`` / ``image_encoder_path`` override the model's saved SD / DINOv2 paths.
+    Raises :class:`InputError` on bad input, before any output is written.
     """
     from tqdm.auto import tqdm
 
@@ -536,7 +541,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     s_img, q_img = normalise_volume(inputs.support.data), normalise_volume(inputs.query.data)
     s_mask, q_shape = inputs.mask.data, inputs.query.data.shape
     sp_s, sp_q = inputs.support.zooms[:2], inputs.query.zooms[:2]
-    model = load_model(model_dir, dev)
+    model = load_model(model_dir, dev, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
     size = int(getattr(model, "image_size", GRID))  # 256 (the tiny test tier: 32)
     fov = max(n * s for n, s in zip(s_img.shape[:2] + q_shape[:2], sp_s + sp_q))
     pixel_mm = fov / size

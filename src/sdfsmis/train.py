@@ -51,6 +51,7 @@ import random
 import shutil
 import time
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,13 @@ class TrainConfig:
     augmentation is then geometric only, applied to the encodings): much faster where encoding
     dominates, e.g. on a CPU. ``cache_dir`` keeps those encodings on disk, shared by every run on
     the same prepared data and encoders (other folds, resumed runs; ``sdfsmis.latents``).
+    ``init_from`` (a saved model directory, or ``"bundled"`` for the packaged model) starts a new run
+    from those weights with a fresh optimizer (fine-tuning; the model config must describe the same
+    architecture); a resumed run takes its weights from the checkpoint instead.
+    ``checkpoint_optimizer=false`` leaves the optimizer state out of checkpoints (an SD-1.5
+    checkpoint shrinks from about 10.9 GB to 3.6 GB; resuming then starts a fresh optimizer) and
+    ``checkpoint_fp16=true`` stores the checkpoints' weights in float16 (half again; a resumed run
+    continues from the rounded weights). The final ``model/`` is always float32.
     """
 
     data: list[str] = field(default_factory=list)
@@ -139,6 +147,9 @@ class TrainConfig:
     cache_latents: bool = False
     cache_dir: str = ""
     ema_decay: float = 0.0
+    init_from: str = ""
+    checkpoint_optimizer: bool = True
+    checkpoint_fp16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "iterations", "checkpoint_every",
@@ -375,14 +386,17 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     With ``ema`` (over ``params``), ``model/`` holds the averaged weights and ``training_model/`` the raw."""
     root = out_dir / "checkpoints"
 
+    dtype = torch.float16 if cfg.checkpoint_fp16 else None
+
     def write(tmp: Path) -> None:
         if ema is not None:
-            model.save_pretrained(tmp / "training_model")
+            model.save_pretrained(tmp / "training_model", dtype=dtype)
             torch.save(ema.state_dict(), tmp / "ema.pt")
         with _averaged(ema, params):
-            model.save_pretrained(tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+            model.save_pretrained(tmp / "model", dtype=dtype)
+        if cfg.checkpoint_optimizer:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         save_config(cfg, tmp / "config.json")
         (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
@@ -438,6 +452,43 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     saved = type(model).from_pretrained(folder)
     model.load_state_dict(saved.state_dict(), strict=True)
     del saved
+
+
+def resolve_init_from(value: str) -> Path:
+    """The model directory named by ``init_from``: ``"bundled"`` (the packaged model) or a folder
+    written by ``save_pretrained`` (a run's ``model/`` or a checkpoint's ``model/``)."""
+    from sdfsmis.predict import DEFAULT_MODEL_DIR
+
+    path = DEFAULT_MODEL_DIR if value == "bundled" else Path(value).expanduser().resolve()
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "model"  # a checkpoint folder
+    elif (path / "model" / "model.safetensors").is_file():
+        path = path / "model"  # a run folder (its config.json is the training config)
+    if not (path / "model.safetensors").is_file():
+        raise InputError(path, "init_from: not a saved model directory (no model.safetensors); use "
+                               "'bundled', a run's model/ folder or a checkpoint folder")
+    return path
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig) -> None:
+    """Load ``cfg.init_from``'s weights into ``model`` (same architecture required)."""
+    from sdfsmis.models.io import load_config as load_model_config, load_pretrained
+
+    path = resolve_init_from(cfg.init_from)
+    saved_cfg = load_model_config(path)
+    if saved_cfg.method != cfg.model.method or saved_cfg.backbone.tier != cfg.model.backbone.tier:
+        raise InputError(path / "config.json", f"init_from holds a {saved_cfg.method} model on the "
+                         f"{saved_cfg.backbone.tier} tier; set model.method={saved_cfg.method} "
+                         f"model.backbone.tier={saved_cfg.backbone.tier} (and the rest of its model config)")
+    saved = load_pretrained(path)
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise InputError(path / "config.json", "init_from: the model config differs from this run's "
+                         f"model.* settings ({first[0].strip()}); copy its model config") from None
+    del saved
+    log.info("starting from the weights of %s with a fresh optimizer (init_from)", path)
 
 
 # ----------------------------------------------------------------------------------------- logs
@@ -603,6 +654,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     if ckpt is not None:
         raw = ckpt / "training_model"
         _load_weights(model, raw if raw.is_dir() else ckpt / "model")
+    elif cfg.init_from:
+        _init_weights(model, cfg)
     size = getattr(model, "image_size", None)
     if size is not None and size != cfg.episodes.image_size:
         raise InputError(None, f"episodes.image_size={cfg.episodes.image_size} but the model works "
@@ -616,11 +669,19 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.iterations)
     if ckpt is not None:
-        state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if (ckpt / "optimizer.pt").is_file():
+            state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping the schedule without optimizer steps
+                for _ in range(start):
+                    scheduler.step()
+            log.warning("%s holds no optimizer state (checkpoint_optimizer=false): the optimizer "
+                        "starts afresh at step %d", ckpt, start)
         _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-        log.info("resuming from %s (step %d)", ckpt, start)
+        log.info("resuming from %s (step %d of %d)", ckpt, start, cfg.iterations)
     loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     ema = None
