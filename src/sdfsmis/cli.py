@@ -76,7 +76,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                               args.backbone_path, args.image_encoder_path)
 
     if "{organ}" in args.method:  # one model per organ (and per fold when '{fold}' is there too)
-        organs = open_prepared(args.prepared).spec.eval_organs
+        organs = args.organs or open_prepared(args.prepared).spec.eval_organs
         predictor = {(f, o): load(args.method.format(fold=f, organ=o)) for f in args.folds for o in organs}
     elif "{fold}" in args.method:  # one model per fold (cross-validation)
         predictor = {f: load(args.method.format(fold=f)) for f in args.folds}
@@ -87,6 +87,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     summary = run_evaluation(
         predictor, Path(args.prepared), Path(args.out), folds=tuple(args.folds), support=args.support,
         shots=args.shots, n_chunks=args.chunks, progress=not args.quiet, setting=args.setting,
+        organs=args.organs,
     )
     print(summary)
 
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a model trained per fold), '{organ}' by each evaluated organ (a model per organ)")
     e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
     e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    e.add_argument("--organs", nargs="+", default=None,
+                   help="organ names of the dataset's labels to evaluate (default: its eval_organs)")
     e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")
     e.add_argument("--shots", type=int, default=1, help="support slices per chunk")
     e.add_argument("--chunks", type=int, default=3, help="chunks of the organ's slices (protocol: 3)")

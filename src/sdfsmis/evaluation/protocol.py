@@ -52,8 +52,11 @@ class Predictor(Protocol):
     def predict(
         self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
     ) -> torch.Tensor:
-        """``[K, H, W]`` images in [-1, 1], ``[K, H, W]`` {0, 1} masks, ``[N, H, W]`` query images
-        -> ``[N, H, W]`` foreground probability in [0, 1]; all on the CPU."""
+        """``[K, Hs, Ws]`` support images in [-1, 1], ``[K, Hs, Ws]`` {0, 1} support masks,
+        ``[N, Hq, Wq]`` query images in [-1, 1] -> ``[N, Hq, Wq]`` foreground probability in [0, 1]
+        (>= 0.5 counts as foreground); all float32 on the CPU. Support and query are slices of two
+        scans at their own in-plane sizes: ``(Hs, Ws)`` and ``(Hq, Wq)`` may differ, and the
+        output has the query's size."""
         ...
 
 
@@ -322,7 +325,11 @@ def _run_case(
         seconds += time.perf_counter() - t0
         prob = torch.as_tensor(prob).detach().to("cpu", torch.float32)
         if tuple(prob.shape) != tuple(q_img.shape):
-            raise RuntimeError(f"predictor returned shape {tuple(prob.shape)} for queries {tuple(q_img.shape)}")
+            raise RuntimeError(
+                f"predictor returned shape {tuple(prob.shape)} for queries of shape {tuple(q_img.shape)} "
+                f"(supports {tuple(s_img.shape)}): predict() must return one probability map per query "
+                "slice at the query's own size [N, Hq, Wq]; support and query sizes may differ "
+                "(docs/architecture.md, 'Few-shot predictor')")
         if not torch.isfinite(prob).all():
             raise RuntimeError("predictor returned non-finite probabilities")
         hard = (prob >= PROB_THRESHOLD).numpy()
