@@ -90,6 +90,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         organs=args.organs,
     )
     print(summary)
+    for line in summary.warnings:
+        print(f"sdfsmis evaluate: WARNING: {line}", file=sys.stderr)
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -130,6 +132,10 @@ def _predict(args: argparse.Namespace) -> None:
         backbone_path=args.backbone_path, image_encoder_path=args.image_encoder_path,
     )
     print(result)
+    empty = [str(o["label"]) for o in result.summary["organs"] if not o.get("voxels")]
+    if empty:
+        print(f"sdfsmis predict: WARNING: nothing marked for label(s) {', '.join(empty)}: the model found no "
+              "such organ in the query (check the model, the support slices, or --all-slices)", file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> None:

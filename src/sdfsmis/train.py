@@ -381,7 +381,7 @@ def _averaged(ema: Any | None, params: Sequence[Tensor]) -> Iterator[None]:
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, cfg: TrainConfig, keep: int, ema: Any | None = None,
-                    params: Sequence[Tensor] = ()) -> Path:
+                    params: Sequence[Tensor] = (), foreground: Mapping[str, float] | None = None) -> Path:
     """Write ``checkpoints/step_XXXXXXX/`` atomically, point ``latest`` at it, keep the last ``keep``.
     With ``ema`` (over ``params``), ``model/`` holds the averaged weights and ``training_model/`` the raw."""
     root = out_dir / "checkpoints"
@@ -399,7 +399,10 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
                        tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         save_config(cfg, tmp / "config.json")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        state = {"step": step, "time": time.time()}
+        if foreground is not None:  # what the model marked on the last training batch
+            state["foreground"] = dict(foreground)
+        (tmp / "state.json").write_text(json.dumps(state) + "\n")
 
     final = _write_dir_atomic(root / _step_dir_name(step), write)
     pointer_tmp = root / f".latest.tmp{os.getpid()}"
@@ -452,6 +455,45 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     saved = type(model).from_pretrained(folder)
     model.load_state_dict(saved.state_dict(), strict=True)
     del saved
+
+
+#: A model whose predicted foreground is below this fraction of the true foreground "marks nothing".
+EMPTY_FRACTION = 0.05
+
+
+@torch.no_grad()
+def foreground_check(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float] | None:
+    """How much the model marks on a training batch, with its own threshold rule: predicted and
+    true foreground pixels and the highest probability; ``None`` for models without the latent
+    path (stand-ins). Eval mode, global RNG untouched."""
+    needed = ("episode_from_batch", "predict_latents", "probabilities", "threshold")
+    if not all(hasattr(model, name) for name in needed):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            prob = model.probabilities(model.predict_latents(model.episode_from_batch(dict(batch))))
+            if "query_masks" in batch:
+                truth = batch["query_masks"].float() > 0.5
+            else:
+                truth = model.probabilities(batch["query_mask_latents"].float()) > 0.5
+    finally:
+        model.train(was_training)
+    marked = float(model.threshold(prob).sum())
+    true = float(truth.sum())
+    return {"predicted_px": marked, "true_px": true, "max_probability": float(prob.max())}
+
+
+def warn_if_empty(check: Mapping[str, float] | None, where: str) -> bool:
+    """Log a warning where ``check`` says the model marks (almost) nothing; True if it did."""
+    if not check or check["true_px"] <= 0 or check["predicted_px"] >= EMPTY_FRACTION * check["true_px"]:
+        return False
+    log.warning("%s: the model marks almost nothing on its training episodes (%d px predicted for %d "
+                "true, highest probability %.3f): it is not usable yet; train longer, raise the learning "
+                "rate, or start from a trained model (init_from=bundled)", where, check["predicted_px"],
+                check["true_px"], check["max_probability"])
+    return True
 
 
 def resolve_init_from(value: str) -> Path:
@@ -762,8 +804,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
             if main:
                 if hasattr(sampler, "save_cache"):
                     sampler.save_cache()
-                save_checkpoint(out_dir, step, accelerator.unwrap_model(loss_module).model,
-                                optimizer, scheduler, cfg, cfg.keep_checkpoints, ema, trainable)
+                unwrapped = accelerator.unwrap_model(loss_module).model
+                with _averaged(ema, trainable):
+                    check = foreground_check(unwrapped, batch)
+                warn_if_empty(check, f"checkpoint at step {step}")
+                save_checkpoint(out_dir, step, unwrapped, optimizer, scheduler, cfg, cfg.keep_checkpoints,
+                                ema, trainable, foreground=check)
                 plot_loss(out_dir / "log.csv", out_dir / "loss.png")
             accelerator.wait_for_everyone()
         window_start += time.perf_counter() - paused

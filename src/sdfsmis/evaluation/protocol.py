@@ -133,6 +133,7 @@ class EvalResult:
     skipped: list[dict[str, Any]]  # (fold, query, organ) with no organ slice in the query
     setting: str = ""  # free label for the table row (e.g. "1" / "2" for the paper's settings)
     outputs: dict[str, str] = field(default_factory=dict)  # report files, once written
+    warnings: list[str] = field(default_factory=list)  # e.g. a model that marks (almost) nothing
 
     def __str__(self) -> str:
         from .report import markdown_tables
@@ -153,6 +154,7 @@ class EvalResult:
             "config": self.config,
             "folds": {str(k): v for k, v in self.folds.items()},
             "skipped": self.skipped,
+            "warnings": self.warnings,
             **acc.summary(),
         }
 
