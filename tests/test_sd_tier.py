@@ -151,3 +151,31 @@ def test_init_from_starts_from_saved_weights_with_a_fresh_optimizer(tmp_path, pr
         T.train(tiny_cfg(tmp_path / "c", prepared, "init_from=bundled"), progress=False)
     with pytest.raises(InputError, match="init_from"):
         T.train(tiny_cfg(tmp_path / "d", prepared, f"init_from={tmp_path / 'none'}"), progress=False)
+
+
+def test_plans_and_configs_name_each_other(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": ["iterations=2"], "runs": [{"name": "a"}]}))
+    assert main(["train", "--config", str(plan)]) == 2
+    assert "scripts/run_experiments.py" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"iterations": 2}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_experiments.py"
+    res = subprocess.run([sys.executable, str(script), str(config), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "sdfsmis train --config" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_log_has_per_group_rates_and_paths_are_absolute(tmp_path, prepared, monkeypatch):
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(tmp_path / "run", prepared, "cache_latents=true", "cache_dir=cache", "optim.lr_new=2e-3")
+    assert cfg.cache_dir == str(tmp_path / "cache")
+    T.train(cfg, progress=False, max_steps=1)
+    with (tmp_path / "run" / "log.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["lr_new"]) == 2e-3 and float(row["lr_backbone"]) == 1e-3 and float(row["lr"]) == 2e-3

@@ -6,7 +6,8 @@
 Layout of ``out_dir``::
 
     config.json                      the resolved TrainConfig of the run
-    log.csv                          step, loss, lr, grad_norm, sec_per_step, episodes_per_s
+    log.csv                          step, loss, lr (the largest group's), lr_backbone, lr_new,
+                                     grad_norm, sec_per_step, episodes_per_s
     sittings.csv                     one row per sitting (a run, or each part of a resumed one):
                                      steps, wall time, median step time, iterations/s, peak memory
     loss.png                         loss curve (rewritten at every checkpoint and at the end)
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 #: Backbone tiers whose UNet is trained from scratch (and gets ``optim.lr_scratch``).
 SCRATCH_TIERS = ("compact", "tiny")
-LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec_per_step", "episodes_per_s")
+LOG_COLUMNS = ("step", "loss", "lr", "lr_backbone", "lr_new", "grad_norm", "sec_per_step", "episodes_per_s")
 SITTING_COLUMNS = ("start_step", "end_step", "wall_s", "median_step_s", "iterations_per_s",
                    "peak_memory_mib", "memory", "device", "processes")
 CHECKPOINT_PREFIX = "step_"
@@ -182,8 +183,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a JSON (``.json``) or TOML (``.toml``) config, apply ``key.sub=value`` overrides.
 
-    Missing keys take the defaults (the paper's recipe). Relative ``data`` and ``out_dir`` paths are
-    resolved against the current directory. Raises ``InputError`` naming the file on bad input.
+    Missing keys take the defaults (the paper's recipe). Relative ``data``, ``out_dir``,
+    ``cache_dir`` and ``init_from`` paths are resolved against the current directory. Raises
+    ``InputError`` naming the file on bad input (an experiment plan names run_experiments.py).
     """
     source = Path(path) if path is not None else None
     tree: dict = {}
@@ -199,6 +201,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             raise InputError(source, f"cannot parse config: {err}") from err
         if not isinstance(tree, dict):
             raise InputError(source, "config must be a JSON object / TOML table")
+        if "runs" in tree and "base" in tree:
+            raise InputError(source, "this is an experiment plan (keys 'base' and 'runs'), not a training "
+                                     f"config: run it with 'python scripts/run_experiments.py {source}'")
     try:
         for override in overrides:
             apply_override(tree, TrainConfig, override)
@@ -207,6 +212,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         raise InputError(source, str(err)) from err
     cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data]
     cfg.out_dir = str(Path(cfg.out_dir).expanduser().resolve())
+    if cfg.cache_dir:
+        cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
+    if cfg.init_from and cfg.init_from != "bundled":
+        cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
     return cfg
 
 
@@ -550,7 +559,12 @@ def _truncate_log(path: Path, after_step: int) -> None:
 
 
 def _append_row(path: Path, columns: Sequence[str], row: Mapping[str, Any]) -> None:
+    """Append ``row``; a log started with other columns (an older run resumed) keeps its own."""
     new = not path.is_file()
+    if not new:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), None)
+        columns = header or columns
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns))
         if new:
@@ -788,6 +802,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
             if main:
                 _append_row(out_dir / "log.csv", LOG_COLUMNS, {
                     "step": step, "loss": f"{mean_loss:.6g}", "lr": f"{lr:.6g}",
+                    **{f"lr_{g['name']}": f"{g['lr']:.6g}" for g in optimizer.param_groups if "name" in g},
                     "grad_norm": f"{float(grad_norm):.6g}", "sec_per_step": f"{seconds:.4g}",
                     "episodes_per_s": f"{episodes_per_step / seconds:.4g}"})
             bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.2g}")
