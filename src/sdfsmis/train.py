@@ -120,7 +120,8 @@ class TrainConfig:
     from those weights with a fresh optimizer (fine-tuning; the model config must describe the same
     architecture); a resumed run takes its weights from the checkpoint instead.
     ``checkpoint_optimizer=false`` leaves the optimizer state out of checkpoints (an SD-1.5
-    checkpoint shrinks from about 10.9 GB to 3.6 GB; resuming then starts a fresh optimizer) and
+    checkpoint shrinks from about 10.3 GB to 3.4 GB, benchmarks/checkpoint_disk.py; resuming then
+    starts a fresh optimizer) and
     ``checkpoint_fp16=true`` stores the checkpoints' weights in float16 (half again; a resumed run
     continues from the rounded weights). The final ``model/`` is always float32.
     """
