@@ -396,14 +396,15 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     With ``ema`` (over ``params``), ``model/`` holds the averaged weights and ``training_model/`` the raw."""
     root = out_dir / "checkpoints"
 
-    dtype = torch.float16 if cfg.checkpoint_fp16 else None
+    # models without the dtype option (stand-ins) are called as before
+    as_dtype = {"dtype": torch.float16} if cfg.checkpoint_fp16 else {}
 
     def write(tmp: Path) -> None:
         if ema is not None:
-            model.save_pretrained(tmp / "training_model", dtype=dtype)
+            model.save_pretrained(tmp / "training_model", **as_dtype)
             torch.save(ema.state_dict(), tmp / "ema.pt")
         with _averaged(ema, params):
-            model.save_pretrained(tmp / "model", dtype=dtype)
+            model.save_pretrained(tmp / "model", **as_dtype)
         if cfg.checkpoint_optimizer:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                        tmp / "optimizer.pt")
