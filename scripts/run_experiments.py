@@ -58,7 +58,13 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="only evaluate existing models")
     args = ap.parse_args()
 
-    plan = json.loads(args.plan.read_text())
+    try:
+        plan = json.loads(args.plan.read_text())
+    except (OSError, ValueError) as err:
+        sys.exit(f"run_experiments.py: error: {args.plan}: cannot read the plan ({err})")
+    if not isinstance(plan, dict) or "runs" not in plan:
+        sys.exit(f"run_experiments.py: error: {args.plan}: not an experiment plan (no 'runs'): a training "
+                 f"config is run with 'sdfsmis train --config {args.plan}'")
     runs = [r for r in plan["runs"] if args.only is None or r["name"] in args.only]
     sdfsmis = [sys.executable, "-m", "sdfsmis.cli", "-q"]
     t0 = time.time()

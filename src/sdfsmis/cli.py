@@ -66,25 +66,31 @@ def _device_name(device: str) -> str:
 
 
 def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[str, float] | None = None,
-                   precision: str = "auto"):
-    """``paste`` (the position-only control), ``baseline`` (training-free TAESD prototype matching)
-    or a trained model directory, whose threshold rule becomes ``threshold`` (rule, value) if given."""
+                   precision: str = "auto", backbone_path: str | None = None, image_encoder_path: str | None = None):
+    """``paste`` (the position-only control), ``baseline`` (training-free TAESD prototype matching),
+    ``bundled`` (the packaged model) or a trained model directory, whose threshold rule becomes
+    ``threshold`` (rule, value) if given. ``backbone_path`` / ``image_encoder_path`` override a
+    model's saved SD / DINOv2 paths."""
     if method == "paste":
         from .evaluation.position import PastePredictor
 
         return PastePredictor()
     if method == "baseline":
+        if threshold is not None:
+            raise InputError(None, "--threshold applies to trained models; the baseline has no threshold rule")
         from .baseline import PrototypeBaseline
 
         return PrototypeBaseline(device=_device_name(device))
     from .models.io import load_pretrained
     from .models.predictor import ModelPredictor
+    from .predict import DEFAULT_MODEL_DIR
 
-    path = Path(method)
+    path = DEFAULT_MODEL_DIR if method == "bundled" else Path(method)
     if not (path / "config.json").is_file():
-        raise InputError(path, "not a trained model directory (no config.json); use 'baseline' or a model dir")
+        raise InputError(path, "not a trained model directory (no config.json); use 'paste', 'baseline', "
+                               "'bundled' or a model dir")
     device = _device_name(device)
-    model = load_pretrained(path, device=device)
+    model = load_pretrained(path, device=device, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
     if threshold is not None:
         model.config.threshold, model.config.threshold_value = threshold
     return ModelPredictor(model, device=device, batch_size=batch_size, precision=precision)
@@ -98,10 +104,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     _use_all_cores()
 
     def load(method: str):
-        return make_predictor(method, args.device, args.batch_size, threshold, args.precision)
+        return make_predictor(method, args.device, args.batch_size, threshold, args.precision,
+                              args.backbone_path, args.image_encoder_path)
 
     if "{organ}" in args.method:  # one model per organ (and per fold when '{fold}' is there too)
-        organs = open_prepared(args.prepared).spec.eval_organs
+        organs = args.organs or open_prepared(args.prepared).spec.eval_organs
         predictor = {(f, o): load(args.method.format(fold=f, organ=o)) for f in args.folds for o in organs}
     elif "{fold}" in args.method:  # one model per fold (cross-validation)
         predictor = {f: load(args.method.format(fold=f)) for f in args.folds}
@@ -119,9 +126,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     summary = run_evaluation(
         predictor, Path(args.prepared), Path(args.out), folds=tuple(args.folds), support=args.support,
         shots=args.shots, n_chunks=args.chunks, progress=not args.quiet, setting=args.setting,
-        cleanup=args.cleanup,
+        cleanup=args.cleanup, organs=args.organs,
     )
     print(summary)
+    for line in summary.warnings:
+        print(f"sdfsmis evaluate: WARNING: {line}", file=sys.stderr)
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -130,10 +139,23 @@ def _table(args: argparse.Namespace) -> None:
     print(combine_summaries(args.summaries))
 
 
+def _console_log() -> None:
+    """The package's INFO messages (resume, init_from, fresh optimizer, ...) on stderr."""
+    import logging
+
+    logger = logging.getLogger("sdfsmis")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sdfsmis: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .train import load_config, train
 
     cfg = load_config(args.config, args.overrides)
+    _console_log()
     out = train(cfg, progress=not args.quiet)
     print(f"trained model written to {out}")
 
@@ -159,8 +181,13 @@ def _predict(args: argparse.Namespace) -> None:
         z_margin=None if args.all_slices else args.z_margin, min_area_mm2=args.min_area, chunks=args.chunks,
         axis=args.axis, modality=args.modality, window=args.window, cleanup=not args.no_cleanup,
         precision=args.precision, names=parse_names(args.names),
+        backbone_path=args.backbone_path, image_encoder_path=args.image_encoder_path,
     )
     print(result)
+    empty = [str(o["label"]) for o in result.summary["organs"] if not o.get("voxels")]
+    if empty:
+        print(f"sdfsmis predict: WARNING: nothing marked for label(s) {', '.join(empty)}: the model found no "
+              "such organ in the query (check the model, the support slices, or --all-slices)", file=sys.stderr)
 
 
 def parse_names(items: list[str] | None):
@@ -239,6 +266,13 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
                    help="auto/bf16: bfloat16 autocast (CPU and CUDA); fp32: full precision")
 
 
+def _add_path_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone-path", default=None,
+                   help="SD folder / single file / hub id replacing the model's saved backbone.path")
+    p.add_argument("--image-encoder-path", default=None,
+                   help="DINOv2 folder / hub id replacing the model's saved backbone.image_encoder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -265,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("prepared", help="a folder written by 'sdfsmis prepare'")
     e.add_argument("--method", default="baseline",
                    help="'paste' (position-only control: the support mask copied onto the query), "
-                        "'baseline' or a trained model directory; '{fold}' in it is replaced by each fold "
+                        "'baseline', 'bundled' (the packaged model) or a trained model directory; '{fold}' in it is replaced by each fold "
                         "(a model trained per fold), '{organ}' by each evaluated organ (a model per organ)")
     e.add_argument("--out", required=True, help="folder for per-case CSV/JSON and the Markdown table")
     e.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    e.add_argument("--organs", nargs="+", default=None,
+                   help="organ names of the dataset's labels to evaluate (default: its eval_organs)")
     e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")
     e.add_argument("--shots", type=int, default=1, help="support slices per chunk")
     e.add_argument("--chunks", type=int, default=3, help="chunks of the organ's slices (protocol: 3)")
@@ -283,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the masks are moved back): appearance matchers keep their Dice, position copiers lose it")
     e.add_argument("--cleanup", action="store_true",
                    help="keep each case's largest 3-D connected component and fill holes (as predict does)")
+    _add_path_overrides(e)
     e.set_defaults(func=_evaluate)
 
     tb = add("table", "one Markdown table from several evaluation summary.json files")
@@ -307,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="organ names for the overlay and summary: 1=liver 2=kidney_r ... or one JSON label-map "
                         "file (default: CHAOS / Synapse names of known ids)")
     r.add_argument("--shots", type=int, default=1, help="support slices per chunk")
-    r.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
+    r.add_argument("--checkpoint", default=None,
+                   help="trained model directory or 'bundled' (default: the bundled model)")
     _inference_flags(r)
     r.add_argument("--axis", choices=["auto", "axial", "coronal", "sagittal"], default="auto",
                    help="slice axis: auto = each scan's acquisition (thickest-spacing) axis")
@@ -323,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cleanup", action="store_true",
                    help="keep the raw prediction (no largest-component / hole-filling clean-up)")
     r.add_argument("--no-overlay", action="store_true", help="skip the PNG montage")
+    _add_path_overrides(r)
     r.set_defaults(func=_predict)
 
     v = add("serve", "local web app: annotate a slice, segment the volume, correct, reuse")

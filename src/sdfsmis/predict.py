@@ -81,7 +81,7 @@ def normalise_volume(volume: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------- the model
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     """The model directory to use: ``checkpoint``, or the bundled default model. Raises InputError."""
-    if checkpoint is None:
+    if checkpoint is None or str(checkpoint) == "bundled":
         path = DEFAULT_MODEL_DIR
         if not (path / "config.json").is_file():
             raise InputError(path, "no trained default model is bundled yet; pass --checkpoint DIR")
@@ -107,12 +107,14 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def load_model(path: Path, device: torch.device) -> Any:
+def load_model(path: Path, device: torch.device, backbone_path: str | Path | None = None,
+               image_encoder_path: str | Path | None = None) -> Any:
     """Load a trained model directory (``sdfsmis.models.io.load_pretrained``) in eval mode."""
     from .models.io import load_pretrained
 
     try:
-        model = load_pretrained(path, device=device)
+        model = load_pretrained(path, device=device, backbone_path=backbone_path,
+                                image_encoder_path=image_encoder_path)
     except InputError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -200,7 +202,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
             z_margin: float | None = 0.2, min_area_mm2: float = 50.0, chunks: int = 3, seed: int = 0,
             axis: str = "auto", modality: str = "auto", window: Sequence[float] = ABDOMINAL_WINDOW,
             cleanup: bool = True, precision: str = "auto", names: Mapping[int, str] | str | Path | None = None,
-            reference: str | Path | None = None, progress_callback: Any = None) -> PredictResult:
+            reference: str | Path | None = None, progress_callback: Any = None,
+            backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None) -> PredictResult:
     """Segment the support mask's organs (or ``labels``) in ``query``; write OUT.nii.gz/.png/.json.
 
     ``shots``: support slices per chunk; ``chunks``: chunks of the organ's extent (protocol: 3);
@@ -213,6 +216,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     datasets' names); ``reference``: a label volume of the query (shown beside the prediction).
     ``progress_callback(done, total)``, if given, is called after each batch of query slices; an
     exception it raises (e.g. to cancel) stops the prediction before anything is written.
+    ``checkpoint``: a model directory, or ``"bundled"`` / None for the packaged model;
+    ``backbone_path`` / ``image_encoder_path`` override the model's saved SD / DINOv2 paths.
     Raises :class:`InputError` on bad input, before any output is written.
 
     The summary (``PredictResult.summary``, also ``OUT.json``): ``format_version`` (2), ``inputs``,
@@ -255,7 +260,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     q_body_mask = body_mask(inputs.query.data)
     timing["intensities"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = load_model(model_dir, dev)
+    model = load_model(model_dir, dev, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
     pipe = SlicePipeline(model, dev, batch_size=int(batch_size), precision=precision)
     grids = pipe.grids(s_img.shape, q_shape, sp_s, sp_q)
     pixel_mm = grids[2]

@@ -6,7 +6,8 @@
 Layout of ``out_dir``::
 
     config.json                      the resolved TrainConfig of the run
-    log.csv                          step, loss, lr, grad_norm, sec_per_step, episodes_per_s
+    log.csv                          step, loss, lr (the largest group's), lr_backbone, lr_new,
+                                     grad_norm, sec_per_step, episodes_per_s
     sittings.csv                     one row per sitting (a run, or each part of a resumed one):
                                      steps, wall time, median step time, iterations/s, peak memory
     loss.png                         loss curve (rewritten at every checkpoint and at the end)
@@ -51,6 +52,7 @@ import random
 import shutil
 import time
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +71,7 @@ log = logging.getLogger(__name__)
 
 #: Backbone tiers whose UNet is trained from scratch (and gets ``optim.lr_scratch``).
 SCRATCH_TIERS = ("compact", "tiny")
-LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec_per_step", "episodes_per_s")
+LOG_COLUMNS = ("step", "loss", "lr", "lr_backbone", "lr_new", "grad_norm", "sec_per_step", "episodes_per_s")
 SITTING_COLUMNS = ("start_step", "end_step", "wall_s", "median_step_s", "iterations_per_s",
                    "peak_memory_mib", "memory", "device", "processes")
 CHECKPOINT_PREFIX = "step_"
@@ -118,6 +120,14 @@ class TrainConfig:
     ``cache_bank = N`` also encodes N intensity-augmented copies of every slice (gamma, contrast,
     bias field, noise of ``episodes.augment``) and draws each episode image from one of them;
     ``cache_prefill`` encodes every drawable mask before the first step, in batches on all threads.
+    ``init_from`` (a saved model directory, or ``"bundled"`` for the packaged model) starts a new run
+    from those weights with a fresh optimizer (fine-tuning; the model config must describe the same
+    architecture); a resumed run takes its weights from the checkpoint instead.
+    ``checkpoint_optimizer=false`` leaves the optimizer state out of checkpoints (an SD-1.5
+    checkpoint shrinks from about 10.3 GB to 3.4 GB, benchmarks/checkpoint_disk.py; resuming then
+    starts a fresh optimizer) and
+    ``checkpoint_fp16=true`` stores the checkpoints' weights in float16 (half again; a resumed run
+    continues from the rounded weights). The final ``model/`` is always float32.
     """
 
     data: list[str] = field(default_factory=list)
@@ -145,6 +155,9 @@ class TrainConfig:
     cache_bank: int = 0
     cache_prefill: bool = False
     ema_decay: float = 0.0
+    init_from: str = ""
+    checkpoint_optimizer: bool = True
+    checkpoint_fp16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "iterations", "checkpoint_every",
@@ -179,8 +192,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a JSON (``.json``) or TOML (``.toml``) config, apply ``key.sub=value`` overrides.
 
-    Missing keys take the defaults (the paper's recipe). Relative ``data`` and ``out_dir`` paths are
-    resolved against the current directory. Raises ``InputError`` naming the file on bad input.
+    Missing keys take the defaults (the paper's recipe). Relative ``data``, ``out_dir``,
+    ``cache_dir`` and ``init_from`` paths are resolved against the current directory. Raises
+    ``InputError`` naming the file on bad input (an experiment plan names run_experiments.py).
     """
     source = Path(path) if path is not None else None
     tree: dict = {}
@@ -196,6 +210,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             raise InputError(source, f"cannot parse config: {err}") from err
         if not isinstance(tree, dict):
             raise InputError(source, "config must be a JSON object / TOML table")
+        if "runs" in tree and "base" in tree:
+            raise InputError(source, "this is an experiment plan (keys 'base' and 'runs'), not a training "
+                                     f"config: run it with 'python scripts/run_experiments.py {source}'")
     try:
         for override in overrides:
             apply_override(tree, TrainConfig, override)
@@ -204,6 +221,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         raise InputError(source, str(err)) from err
     cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data]
     cfg.out_dir = str(Path(cfg.out_dir).expanduser().resolve())
+    if cfg.cache_dir:
+        cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
+    if cfg.init_from and cfg.init_from != "bundled":
+        cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
     return cfg
 
 
@@ -383,22 +404,29 @@ def _averaged(ema: Any | None, params: Sequence[Tensor]) -> Iterator[None]:
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, cfg: TrainConfig, keep: int, ema: Any | None = None,
-                    params: Sequence[Tensor] = ()) -> Path:
+                    params: Sequence[Tensor] = (), foreground: Mapping[str, float] | None = None) -> Path:
     """Write ``checkpoints/step_XXXXXXX/`` atomically, point ``latest`` at it, keep the last ``keep``.
     With ``ema`` (over ``params``), ``model/`` holds the averaged weights and ``training_model/`` the raw."""
     root = out_dir / "checkpoints"
 
+    # models without the dtype option (stand-ins) are called as before
+    as_dtype = {"dtype": torch.float16} if cfg.checkpoint_fp16 else {}
+
     def write(tmp: Path) -> None:
         if ema is not None:
-            model.save_pretrained(tmp / "training_model")
+            model.save_pretrained(tmp / "training_model", **as_dtype)
             torch.save(ema.state_dict(), tmp / "ema.pt")
         with _averaged(ema, params):
-            model.save_pretrained(tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+            model.save_pretrained(tmp / "model", **as_dtype)
+        if cfg.checkpoint_optimizer:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         save_config(cfg, tmp / "config.json")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        state = {"step": step, "time": time.time()}
+        if foreground is not None:  # what the model marked on the last training batch
+            state["foreground"] = dict(foreground)
+        (tmp / "state.json").write_text(json.dumps(state) + "\n")
 
     final = _write_dir_atomic(root / _step_dir_name(step), write)
     pointer_tmp = root / f".latest.tmp{os.getpid()}"
@@ -453,6 +481,82 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     del saved
 
 
+#: A model whose predicted foreground is below this fraction of the true foreground "marks nothing".
+EMPTY_FRACTION = 0.05
+
+
+@torch.no_grad()
+def foreground_check(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float] | None:
+    """How much the model marks on a training batch, with its own threshold rule: predicted and
+    true foreground pixels and the highest probability; ``None`` for models without the latent
+    path (stand-ins). Eval mode, global RNG untouched."""
+    needed = ("episode_from_batch", "predict_latents", "probabilities", "threshold")
+    if not all(hasattr(model, name) for name in needed):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            prob = model.probabilities(model.predict_latents(model.episode_from_batch(dict(batch))))
+            if "query_masks" in batch:
+                truth = batch["query_masks"].float() > 0.5
+            else:
+                truth = model.probabilities(batch["query_mask_latents"].float()) > 0.5
+    finally:
+        model.train(was_training)
+    marked = float(model.threshold(prob).sum())
+    true = float(truth.sum())
+    return {"predicted_px": marked, "true_px": true, "max_probability": float(prob.max())}
+
+
+def warn_if_empty(check: Mapping[str, float] | None, where: str) -> bool:
+    """Log a warning where ``check`` says the model marks (almost) nothing; True if it did."""
+    if not check or check["true_px"] <= 0 or check["predicted_px"] >= EMPTY_FRACTION * check["true_px"]:
+        return False
+    log.warning("%s: the model marks almost nothing on its training episodes (%d px predicted for %d "
+                "true, highest probability %.3f): it is not usable yet; train longer, raise the learning "
+                "rate, or start from a trained model (init_from=bundled)", where, check["predicted_px"],
+                check["true_px"], check["max_probability"])
+    return True
+
+
+def resolve_init_from(value: str) -> Path:
+    """The model directory named by ``init_from``: ``"bundled"`` (the packaged model) or a folder
+    written by ``save_pretrained`` (a run's ``model/`` or a checkpoint's ``model/``)."""
+    from sdfsmis.predict import DEFAULT_MODEL_DIR
+
+    path = DEFAULT_MODEL_DIR if value == "bundled" else Path(value).expanduser().resolve()
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "model"  # a checkpoint folder
+    elif (path / "model" / "model.safetensors").is_file():
+        path = path / "model"  # a run folder (its config.json is the training config)
+    if not (path / "model.safetensors").is_file():
+        raise InputError(path, "init_from: not a saved model directory (no model.safetensors); use "
+                               "'bundled', a run's model/ folder or a checkpoint folder")
+    return path
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig) -> None:
+    """Load ``cfg.init_from``'s weights into ``model`` (same architecture required)."""
+    from sdfsmis.models.io import load_config as load_model_config, load_pretrained
+
+    path = resolve_init_from(cfg.init_from)
+    saved_cfg = load_model_config(path)
+    if saved_cfg.method != cfg.model.method or saved_cfg.backbone.tier != cfg.model.backbone.tier:
+        raise InputError(path / "config.json", f"init_from holds a {saved_cfg.method} model on the "
+                         f"{saved_cfg.backbone.tier} tier; set model.method={saved_cfg.method} "
+                         f"model.backbone.tier={saved_cfg.backbone.tier} (and the rest of its model config)")
+    saved = load_pretrained(path)
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise InputError(path / "config.json", "init_from: the model config differs from this run's "
+                         f"model.* settings ({first[0].strip()}); copy its model config") from None
+    del saved
+    log.info("starting from the weights of %s with a fresh optimizer (init_from)", path)
+
+
 # ----------------------------------------------------------------------------------------- logs
 def _truncate_log(path: Path, after_step: int) -> None:
     """Drop rows logged after ``after_step`` (work lost by an interruption) from a CSV log."""
@@ -470,7 +574,12 @@ def _truncate_log(path: Path, after_step: int) -> None:
 
 
 def _append_row(path: Path, columns: Sequence[str], row: Mapping[str, Any]) -> None:
+    """Append ``row``; a log started with other columns (an older run resumed) keeps its own."""
     new = not path.is_file()
+    if not new:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), None)
+        columns = header or columns
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns))
         if new:
@@ -614,6 +723,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     if ckpt is not None:
         raw = ckpt / "training_model"
         _load_weights(model, raw if raw.is_dir() else ckpt / "model")
+    elif cfg.init_from:
+        _init_weights(model, cfg)
     size = getattr(model, "image_size", None)
     if size is not None and size != cfg.episodes.image_size:
         raise InputError(None, f"episodes.image_size={cfg.episodes.image_size} but the model works "
@@ -627,11 +738,19 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.iterations)
     if ckpt is not None:
-        state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if (ckpt / "optimizer.pt").is_file():
+            state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping the schedule without optimizer steps
+                for _ in range(start):
+                    scheduler.step()
+            log.warning("%s holds no optimizer state (checkpoint_optimizer=false): the optimizer "
+                        "starts afresh at step %d", ckpt, start)
         _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-        log.info("resuming from %s (step %d)", ckpt, start)
+        log.info("resuming from %s (step %d of %d)", ckpt, start, cfg.iterations)
     loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     ema = None
@@ -696,6 +815,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
             if main:
                 _append_row(out_dir / "log.csv", LOG_COLUMNS, {
                     "step": step, "loss": f"{mean_loss:.6g}", "lr": f"{lr:.6g}",
+                    **{f"lr_{g['name']}": f"{g['lr']:.6g}" for g in optimizer.param_groups if "name" in g},
                     "grad_norm": f"{float(grad_norm):.6g}", "sec_per_step": f"{seconds:.4g}",
                     "episodes_per_s": f"{episodes_per_step / seconds:.4g}"})
             bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.2g}")
@@ -712,8 +832,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
             if main:
                 if hasattr(sampler, "save_cache"):
                     sampler.save_cache()
-                save_checkpoint(out_dir, step, accelerator.unwrap_model(loss_module).model,
-                                optimizer, scheduler, cfg, cfg.keep_checkpoints, ema, trainable)
+                unwrapped = accelerator.unwrap_model(loss_module).model
+                with _averaged(ema, trainable):
+                    check = foreground_check(unwrapped, batch)
+                warn_if_empty(check, f"checkpoint at step {step}")
+                save_checkpoint(out_dir, step, unwrapped, optimizer, scheduler, cfg, cfg.keep_checkpoints,
+                                ema, trainable, foreground=check)
                 plot_loss(out_dir / "log.csv", out_dir / "loss.png")
             accelerator.wait_for_everyone()
         window_start += time.perf_counter() - paused

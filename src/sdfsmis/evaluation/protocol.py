@@ -52,8 +52,11 @@ class Predictor(Protocol):
     def predict(
         self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
     ) -> torch.Tensor:
-        """``[K, H, W]`` images in [-1, 1], ``[K, H, W]`` {0, 1} masks, ``[N, H, W]`` query images
-        -> ``[N, H, W]`` foreground probability in [0, 1]; all on the CPU."""
+        """``[K, Hs, Ws]`` support images in [-1, 1], ``[K, Hs, Ws]`` {0, 1} support masks,
+        ``[N, Hq, Wq]`` query images in [-1, 1] -> ``[N, Hq, Wq]`` foreground probability in [0, 1]
+        (>= 0.5 counts as foreground); all float32 on the CPU. Support and query are slices of two
+        scans at their own in-plane sizes: ``(Hs, Ws)`` and ``(Hq, Wq)`` may differ, and the
+        output has the query's size."""
         ...
 
 
@@ -130,6 +133,7 @@ class EvalResult:
     skipped: list[dict[str, Any]]  # (fold, query, organ) with no organ slice in the query
     setting: str = ""  # free label for the table row (e.g. "1" / "2" for the paper's settings)
     outputs: dict[str, str] = field(default_factory=dict)  # report files, once written
+    warnings: list[str] = field(default_factory=list)  # e.g. a model that marks (almost) nothing
 
     def __str__(self) -> str:
         from .report import markdown_tables
@@ -150,6 +154,7 @@ class EvalResult:
             "config": self.config,
             "folds": {str(k): v for k, v in self.folds.items()},
             "skipped": self.skipped,
+            "warnings": self.warnings,
             **acc.summary(),
         }
 
@@ -339,7 +344,11 @@ def _run_case(
         seconds += time.perf_counter() - t0
         prob = torch.as_tensor(prob).detach().to("cpu", torch.float32)
         if tuple(prob.shape) != tuple(q_img.shape):
-            raise RuntimeError(f"predictor returned shape {tuple(prob.shape)} for queries {tuple(q_img.shape)}")
+            raise RuntimeError(
+                f"predictor returned shape {tuple(prob.shape)} for queries of shape {tuple(q_img.shape)} "
+                f"(supports {tuple(s_img.shape)}): predict() must return one probability map per query "
+                "slice at the query's own size [N, Hq, Wq]; support and query sizes may differ "
+                "(docs/architecture.md, 'Few-shot predictor')")
         if not torch.isfinite(prob).all():
             raise RuntimeError("predictor returned non-finite probabilities")
         hard = (prob >= PROB_THRESHOLD).numpy()

@@ -175,6 +175,28 @@ def open_prepared(prepared_root: str | Path):
     return PreparedDataset(root)
 
 
+#: Predicted foreground below this fraction of the true foreground: the predictor "marks nothing".
+EMPTY_FRACTION = 0.05
+
+
+def empty_warnings(result: EvalResult) -> list[str]:
+    """One line per organ (or for the whole run) where the predictor marked almost nothing:
+    fewer predicted voxels than ``EMPTY_FRACTION`` of the true ones over all its cases."""
+    lines = []
+    groups: dict[str, list] = {}
+    for case in result.cases:
+        groups.setdefault(case.organ, []).append(case)
+    for organ, cases in groups.items():
+        predicted = sum(c.tp + c.fp for c in cases)
+        true = sum(c.tp + c.fn for c in cases)
+        if true > 0 and predicted < EMPTY_FRACTION * true:
+            empty = sum(1 for c in cases if c.tp + c.fp == 0)
+            lines.append(f"{result.method} marks almost nothing on {organ}: {predicted} voxels predicted for "
+                         f"{true} true over {len(cases)} cases ({empty} empty); check the model "
+                         "(train longer, or --threshold) before reading its Dice")
+    return lines
+
+
 def run_evaluation(
     predictor: Predictor,
     prepared_root: str | Path,
@@ -192,5 +214,6 @@ def run_evaluation(
     prepared = open_prepared(prepared_root)
     result = evaluate(predictor, prepared, **kwargs)
     result.setting = setting
+    result.warnings = empty_warnings(result)
     result.outputs = {k: str(v) for k, v in write_reports(result, out, setting=setting).items()}
     return result

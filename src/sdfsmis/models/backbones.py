@@ -166,17 +166,75 @@ def _resolve_tier(cfg: BackboneConfig) -> str:
     return cfg.tier
 
 
-def _build_unet(cfg: BackboneConfig, tier: str) -> UNet2DConditionModel:
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+
+
+def is_local_path(path_or_id: str | Path) -> bool:
+    """True where ``path_or_id`` is meant as a local path (it exists, is absolute or starts with
+    ``.``/``~``), so a missing one fails at once instead of being looked up as a hub id."""
+    text = str(path_or_id)
+    return Path(text).exists() or text.startswith((".", "~", "/")) or Path(text).suffix in SINGLE_FILE_SUFFIXES
+
+
+def check_local(path_or_id: str | Path, what: str) -> None:
+    """InputError naming ``path_or_id`` where it is meant as a local path that does not exist."""
+    if is_local_path(path_or_id) and not Path(str(path_or_id)).expanduser().exists():
+        raise InputError(path_or_id, f"{what} does not exist")
+
+
+def _variant(folder: Path) -> str | None:
+    """``"fp16"`` where a diffusers model folder holds only fp16 variant weights, else ``None``."""
+    if not folder.is_dir():
+        return None
+    names = [p.name for p in folder.iterdir()]
+    plain = any(n.startswith("diffusion_pytorch_model.") and n.count(".") == 1 for n in names)
+    fp16 = any(n.startswith("diffusion_pytorch_model.fp16.") for n in names)
+    return "fp16" if fp16 and not plain else None
+
+
+def diffusers_from_pretrained(cls: Any, path_or_id: str | Path, subfolder: str | None, what: str,
+                              weights: bool = True) -> Any:
+    """``cls.from_pretrained(path_or_id, subfolder)`` in float32 with diffusers' own loaders:
+
+    - a folder holding only fp16 variant files (``diffusion_pytorch_model.fp16.safetensors``) loads
+      with ``variant="fp16"``;
+    - a single-file checkpoint (``v1-5-pruned-emaonly.safetensors``) goes through
+      ``cls.from_single_file``;
+    - ``weights=False`` builds the module from its ``config.json`` alone (random weights that the
+      caller replaces, e.g. the UNet of a saved model).
+    """
+    text = str(path_or_id)
+    local = Path(text).expanduser()
+    check_local(path_or_id, what)
+    try:
+        if local.is_file():
+            if local.suffix not in SINGLE_FILE_SUFFIXES:
+                raise InputError(local, f"expected a diffusers folder or a single-file checkpoint "
+                                        f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+            model = cls.from_single_file(str(local))
+        elif not weights:
+            model = cls.from_config(cls.load_config(text, subfolder=subfolder))
+        else:
+            target = local / subfolder if subfolder else local
+            model = cls.from_pretrained(text, subfolder=subfolder, variant=_variant(target))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        hint = ""
+        if local.is_file():
+            hint = ("; diffusers could not convert this single file offline: convert it once to a "
+                    "diffusers folder (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
+                    "and use that folder")
+        raise InputError(path_or_id, f"cannot load the {what}: {exc}{hint}") from exc
+    return model.float()
+
+
+def _build_unet(cfg: BackboneConfig, tier: str, weights: bool = True) -> UNet2DConditionModel:
     if tier == "sd":
         if cfg.unet:
             raise InputError(cfg.path, "UNet overrides apply to the compact and tiny tiers only")
-        local = Path(cfg.path)
-        if local.exists() and not (local / "unet" / "config.json").is_file():
+        local = Path(cfg.path).expanduser()
+        if local.is_dir() and not (local / "unet" / "config.json").is_file():
             raise InputError(local / "unet", "no config.json: not a diffusers Stable Diffusion folder")
-        try:
-            return UNet2DConditionModel.from_pretrained(str(cfg.path), subfolder="unet").float()
-        except (OSError, ValueError) as exc:
-            raise InputError(cfg.path, f"cannot load the UNet: {exc}") from exc
+        return diffusers_from_pretrained(UNet2DConditionModel, cfg.path, "unet", "UNet", weights=weights)
     return random_unet(unet_config(tier, cfg.unet), seed=cfg.seed)
 
 
@@ -200,16 +258,19 @@ def _build_image_encoder(cfg: BackboneConfig, tier: str, vae: FrozenVAE) -> Imag
     return load_dinov2(choice, image_size=cfg.image_encoder_size)
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
+def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     """Build the UNet, the frozen VAE and the frozen image encoder of ``cfg.tier``.
 
     The UNet comes in train mode with float32 weights; the VAE and image encoder are frozen and in
-    eval mode. Raises ``InputError`` for an unknown tier, a missing or malformed checkpoint folder.
+    eval mode. ``unet_weights=False`` reads only the ``sd`` UNet's ``config.json`` (a saved model
+    holds its own trained UNet, so only the frozen parts come from the SD folder). Raises
+    ``InputError`` for an unknown tier, a missing or malformed checkpoint folder.
     """
     tier = _resolve_tier(cfg)
     if tier == "sd" and not cfg.path:
-        raise InputError(None, "the sd tier needs a diffusers folder or hub id (--backbone PATH_OR_ID)")
-    unet = _build_unet(cfg, tier)
+        raise InputError(None, "the sd tier needs a diffusers folder, single-file checkpoint or hub id "
+                               "(model.backbone.path=PATH_OR_ID)")
+    unet = _build_unet(cfg, tier, weights=unet_weights)
     vae = _build_vae(cfg, tier)
     image_encoder = _build_image_encoder(cfg, tier, vae)
     if int(unet.config.in_channels) != vae.latent_channels:
@@ -251,21 +312,69 @@ def widen_conv_in(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     return new
 
 
-def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0) -> Path:
+#: SD-2.x UNets use linear projections in their transformer blocks and per-level head counts.
+_SD21_UNET = dict(use_linear_projection=True, attention_head_dim=(2, 4))
+
+
+def _save_tiny_text_parts(out: Path, layout: str, seed: int) -> None:
+    """Tiny random ``text_encoder/`` (CLIP), ``tokenizer/`` (CLIP BPE) and ``scheduler/`` of a
+    Stable Diffusion folder: unused by the project, present as in every real SD folder."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, vocab_size=1000, max_position_embeddings=77,
+                                            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                            hidden_act="gelu" if layout == "sd21" else "quick_gelu"))
+    text.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    words = ["<|startoftext|>", "<|endoftext|>", "a</w>", "scan</w>", "liver</w>", "!"]
+    vocab_dir = out / "tokenizer"
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    (vocab_dir / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    (vocab_dir / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
+                  pad_token="!" if layout == "sd21" else "<|endoftext|>").save_pretrained(str(vocab_dir))
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    if layout == "sd21":
+        DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                      steps_offset=1, **common).save_pretrained(str(out / "scheduler"))
+    else:
+        PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, **common).save_pretrained(str(out / "scheduler"))
+
+
+def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Literal["sd15", "sd21"] = "sd15",
+                            full: bool = False, variant: str | None = None) -> Path:
     """Write a tiny random Stable-Diffusion-format diffusers folder (``unet/``, ``vae/``,
-    ``model_index.json``) that the ``sd`` tier loads with ``from_pretrained``. Returns the folder."""
+    ``model_index.json``) that the ``sd`` tier loads with ``from_pretrained``. Returns the folder.
+
+    ``layout="sd21"`` gives the SD-2.x UNet layout (linear projections, per-level head counts,
+    v-prediction scheduler); ``full=True`` adds ``text_encoder/``, ``tokenizer/`` and
+    ``scheduler/`` as in a downloaded SD folder; ``variant="fp16"`` stores only fp16 variant
+    weight files (``diffusion_pytorch_model.fp16.safetensors``)."""
     import diffusers
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    random_unet(unet_config("tiny"), seed=seed).save_pretrained(out / "unet", safe_serialization=True)
-    tiny_autoencoder_kl_model(seed).save_pretrained(out / "vae", safe_serialization=True)
+    unet = random_unet(unet_config("tiny", _SD21_UNET if layout == "sd21" else None), seed=seed)
+    vae = tiny_autoencoder_kl_model(seed)
+    if variant == "fp16":
+        unet, vae = unet.half(), vae.half()
+    unet.save_pretrained(out / "unet", safe_serialization=True, variant=variant)
+    vae.save_pretrained(out / "vae", safe_serialization=True, variant=variant)
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if full:
+        _save_tiny_text_parts(out, layout, seed)
+        scheduler = "DDIMScheduler" if layout == "sd21" else "PNDMScheduler"
+        index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
+                     scheduler=["diffusers", scheduler], safety_checker=[None, None],
+                     feature_extractor=[None, None], requires_safety_checker=False)
     tmp = out / "model_index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     tmp.replace(out / "model_index.json")

@@ -144,11 +144,12 @@ class LatentSegmenter(nn.Module):
         return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
     # -- persistence -----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (see ``sdfsmis.models.io``)."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (see ``sdfsmis.models.io``); ``dtype``
+        (``torch.float16``) stores the floating-point weights in that type."""
         from sdfsmis.models.io import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentSegmenter:

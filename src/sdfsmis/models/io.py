@@ -8,7 +8,13 @@ A saved model is a directory with
   frozen external modules (``vae.*``, ``image_encoder.*``), which ``build_backbone`` re-creates from
   the paths in the config (packaged TAESD, an SD folder, a DINOv2 folder). For the ``tiny`` tier the
   frozen modules are random, so they are saved too;
-- ``config.json``: the resolved ``ModelConfig`` (``dataclasses.asdict``), written last.
+- ``config.json``: the resolved ``ModelConfig`` (``dataclasses.asdict``), written last. Local
+  ``backbone.path`` / ``backbone.image_encoder`` paths are stored absolute, so the model loads from
+  any working directory; ``load_pretrained(..., backbone_path=, image_encoder_path=)`` (CLI
+  ``--backbone-path`` / ``--image-encoder-path``) points a moved model at the SD / DINOv2 folders.
+
+Loading an ``sd``-tier model reads only the frozen parts (VAE, image encoder) and the UNet's
+``config.json`` from the SD folder; the trained UNet comes from ``model.safetensors``.
 
 Both files are written to temporary names and renamed when complete.
 """
@@ -26,6 +32,7 @@ from torch import nn
 
 from sdfsmis import __version__
 from sdfsmis.errors import InputError
+from sdfsmis.models.backbones import Backbone, build_backbone
 from sdfsmis.models.config import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -33,21 +40,38 @@ CONFIG_NAME = "config.json"
 EXTERNAL_PREFIXES = ("vae.", "image_encoder.")
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model of ``cfg.method`` (``SDFSMIS``, ``DiffewS`` or ``SDSeg``) on ``cfg.backbone``."""
+def build_model(cfg: ModelConfig, backbone: Backbone | None = None) -> nn.Module:
+    """The model of ``cfg.method`` (``SDFSMIS``, ``DiffewS`` or ``SDSeg``) on ``cfg.backbone``
+    (or on an already built ``backbone``)."""
     if cfg.method == "sdfsmis":
         from sdfsmis.models.sdfsmis import SDFSMIS
 
-        return SDFSMIS(cfg)
+        return SDFSMIS(cfg, backbone)
     if cfg.method == "diffews":
         from sdfsmis.models.diffews import DiffewS
 
-        return DiffewS(cfg)
+        return DiffewS(cfg, backbone)
     if cfg.method == "sdseg":
         from sdfsmis.models.sdseg import SDSeg
 
-        return SDSeg(cfg)
+        return SDSeg(cfg, backbone)
     raise InputError(None, f"unknown method {cfg.method!r}")
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local path made absolute; hub ids and the named encoders (``vae``, ...) unchanged."""
+    if not value or value in ("vae", "tiny-dinov2"):
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def portable_config(cfg: ModelConfig) -> dict:
+    """``cfg.to_dict()`` with local backbone / image-encoder paths made absolute."""
+    data = cfg.to_dict()
+    data["backbone"]["path"] = _absolute(data["backbone"]["path"])
+    data["backbone"]["image_encoder"] = _absolute(data["backbone"]["image_encoder"])
+    return data
 
 
 def _saved_keys_filter(model: nn.Module):
@@ -77,7 +101,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype 
              for k, v in model.state_dict().items() if keep(k)}
     meta = {"format": "pt", "sdfsmis_version": __version__, "method": model.config.method}
     _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
-    text = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    text = json.dumps(portable_config(model.config), indent=2) + "\n"
     _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(text))
     return out
 
@@ -101,10 +125,33 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise InputError(path, f"invalid model config ({exc})") from exc
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model of ``directory/config.json`` and load ``model.safetensors``; eval mode."""
+def _build_for_loading(cfg: ModelConfig, config_path: Path) -> nn.Module:
+    """The model of ``cfg`` with its frozen parts loaded and its UNet built from config alone
+    (``sd`` tier); a backbone that cannot be loaded is an error naming ``config_path``."""
+    bb = cfg.backbone
+    try:
+        backbone = build_backbone(bb, unet_weights=False) if bb.tier == "sd" else None
+    except InputError as exc:
+        raise InputError(config_path, f"cannot load the model's backbone (backbone.path={bb.path!r}, "
+                                      f"backbone.image_encoder={bb.image_encoder!r}): {exc}; pass "
+                                      "--backbone-path DIR / --image-encoder-path DIR (or edit those "
+                                      "keys in this file)") from None
+    return build_model(cfg, backbone)
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *,
+                    backbone_path: str | Path | None = None,
+                    image_encoder_path: str | Path | None = None) -> nn.Module:
+    """Rebuild the model of ``directory/config.json`` and load ``model.safetensors``; eval mode.
+
+    ``backbone_path`` / ``image_encoder_path`` replace the saved ``backbone.path`` /
+    ``backbone.image_encoder`` (a model moved to another machine, an SD folder moved)."""
     directory = Path(directory)
     cfg = load_config(directory)
+    if backbone_path is not None:
+        cfg.backbone.path = str(backbone_path)
+    if image_encoder_path is not None:
+        cfg.backbone.image_encoder = str(image_encoder_path)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise InputError(weights, "not found (not a saved model directory)")
@@ -112,7 +159,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise InputError(weights, f"cannot read weights ({exc})") from exc
-    model = build_model(cfg)
+    model = _build_for_loading(cfg, directory / CONFIG_NAME)
     keep = _saved_keys_filter(model)
     expected = {k for k in model.state_dict() if keep(k)}
     missing, unexpected = expected - set(state), set(state) - expected

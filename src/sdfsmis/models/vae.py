@@ -182,25 +182,23 @@ def load_taesd(path: str | Path | None = None) -> FrozenVAE:
 
 
 def load_autoencoder_kl(path_or_id: str | Path, subfolder: str | None = "vae") -> FrozenVAE:
-    """An ``AutoencoderKL`` from a diffusers folder or hub id (``subfolder`` inside it), frozen.
+    """An ``AutoencoderKL`` from a diffusers folder, a single-file SD checkpoint or a hub id
+    (``subfolder`` inside a folder; fp16-only variant folders load too), frozen.
 
     When ``path_or_id`` is a local folder without ``subfolder`` but with its own ``config.json``,
     the folder itself is used.
     """
-    local = Path(path_or_id)
-    if local.exists():
-        if not local.is_dir():
-            raise InputError(local, "expected a diffusers model folder")
+    from sdfsmis.models.backbones import diffusers_from_pretrained
+
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
         if subfolder and not (local / subfolder).is_dir() and (local / "config.json").is_file():
             subfolder = None
         target = local / subfolder if subfolder else local
         if not (target / "config.json").is_file():
             raise InputError(target, "no config.json: not a diffusers AutoencoderKL folder")
-    try:
-        model = AutoencoderKL.from_pretrained(str(path_or_id), subfolder=subfolder or None)
-    except (OSError, ValueError) as exc:
-        raise InputError(path_or_id, f"cannot load AutoencoderKL: {exc}") from exc
-    return FrozenVAE(model.float())
+    model = diffusers_from_pretrained(AutoencoderKL, path_or_id, subfolder or None, "AutoencoderKL")
+    return FrozenVAE(model)
 
 
 def tiny_autoencoder_kl_config() -> dict:
