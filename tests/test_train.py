@@ -588,3 +588,16 @@ def test_bf16_encodings_agree_with_fp32_and_have_their_own_store(prepared, tmp_p
     a, b = (s.sample(4, torch.Generator().manual_seed(1)) for s in (fp32, bf16))
     for key in ("query_latents", "query_mask_latents"):
         assert float((a[key] - b[key]).norm() / a[key].norm()) < 0.05
+
+
+def test_config_error_leaves_nothing(tmp_path):
+    """A run that fails before its first checkpoint (here: a data folder that is not a prepared
+    dataset) removes the out_dir it created; an existing out_dir is left alone."""
+    cfg = tiny_cfg(tmp_path / "run", tmp_path / "missing")
+    with pytest.raises(InputError):
+        T.train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(InputError):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "kept")), progress=False)
+    assert (tmp_path / "kept").is_dir()

@@ -678,8 +678,23 @@ def train(cfg: TrainConfig, *, progress: bool = True, max_steps: int | None = No
     latest checkpoint folder, or ``out_dir`` if none). ``validate(model, step)`` runs every
     ``validate_every`` steps on the main process in eval mode without gradients; the floats it
     returns go to ``validation.csv``. ``model_factory`` (default ``sdfsmis.models.build``) and
-    ``sampler_factory`` (default ``build_sampler``) can be replaced, e.g. in tests.
+    ``sampler_factory`` (default ``build_sampler``) can be replaced, e.g. in tests. A run that fails
+    before its first checkpoint (bad data, a config the model refuses) removes the ``out_dir`` it
+    created, so a config error leaves nothing behind.
     """
+    out_dir = Path(cfg.out_dir)
+    fresh = not out_dir.exists()
+    try:
+        return _train(cfg, progress=progress, max_steps=max_steps, validate=validate,
+                      model_factory=model_factory, sampler_factory=sampler_factory)
+    except (InputError, ValueError):
+        if fresh and latest_checkpoint(out_dir) is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, *, progress: bool, max_steps: int | None, validate: Callable | None,
+           model_factory: Callable | None, sampler_factory: Callable | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler

@@ -78,7 +78,7 @@ def _variant(kind: str, data: np.ndarray, zooms=(1.0, 1.0, 3.0)) -> tuple[np.nda
 
 @pytest.mark.parametrize("kind", ["ras", "flipped", "transposed", "oblique"])
 def test_oracle_masks_land_exactly_in_the_query_geometry(kind, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "load_model", lambda path, device: Oracle())
+    monkeypatch.setattr(P, "load_model", lambda path, device, **overrides: Oracle())
     s_img, s_blob = _volumes(0)
     q_img, q_blob = _volumes(1)
     aff = np.diag([1.0, 1.0, 3.0, 1.0])
@@ -98,7 +98,7 @@ def test_oracle_masks_land_exactly_in_the_query_geometry(kind, tmp_path, monkeyp
 def test_oracle_masks_with_anisotropic_pixels(tmp_path, monkeypatch):
     """Pixels of 0.8 x 1.2 mm (query) and 1 x 1 mm (support): the slices are resampled to one pixel
     size and back, so the blob comes back within resampling error."""
-    monkeypatch.setattr(P, "load_model", lambda path, device: Oracle())
+    monkeypatch.setattr(P, "load_model", lambda path, device, **overrides: Oracle())
     s_img, s_blob = _volumes(0)
     q_img, q_blob = _volumes(1)
     aff = np.diag([1.0, 1.0, 3.0, 1.0])
