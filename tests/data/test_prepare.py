@@ -245,3 +245,22 @@ def test_prepare_one_real_abd_mri_scan(real_data, tmp_path):
     sizes = np.bincount(scan.supervoxels.ravel())[1:]
     assert np.median(sizes) > 1000
     shutil.rmtree(out)
+
+
+def test_ct_dataset_in_hounsfield_units_is_windowed(tmp_path):
+    """A CT dataset (modality "CT") stored in raw HU is clipped to the abdominal window before the
+    normalisation; the same voxels under an MR spec, or CT already windowed to 0..255, are not."""
+    from conftest import phantom, save_nifti
+
+    image, label = phantom(0)
+    hu = np.where(image > 0, image - 60.0, -1000.0)  # body 40 HU, organs 140 / 240 HU, air -1000
+    hu[5:8, 18:22, :] = 1200.0  # bone, far above the window
+    src = tmp_path / "src"
+    src.mkdir()
+    save_nifti(src / "image_0.nii.gz", hu.astype(np.int16))
+    save_nifti(src / "label_0.nii.gz", label)
+    ct = PreparedDataset(prepare_dataset(src, "abd-ct", tmp_path / "ct", progress=False)).load("0").image
+    mr = PreparedDataset(prepare_dataset(src, "abd-mri", tmp_path / "mr", progress=False)).load("0").image
+    windowed = normalise_image(np.clip(hu, -125, 275).astype(np.float32))
+    assert np.allclose(ct.astype(np.float32), windowed, atol=2e-3)
+    assert not np.allclose(mr.astype(np.float32), windowed, atol=0.05)

@@ -22,7 +22,7 @@ class DatasetSpec:
     labels: dict[str, int]  # organ name -> label id in the label files
     eval_organs: tuple[str, ...]  # organs evaluated, in the column order of the paper's tables
     supervoxel_min_size: int = 5000  # Felzenszwalb min_size (ADNet: 5000 abdomen, 1000 cardiac)
-    modality: str = "MR"  # "CT" or "MR": used by the CT window (Hounsfield units) of CT scans
+    modality: str = "MR"  # "CT": prepare windows raw-HU scans to [-125, 275] HU; "MR": normalised only
     notes: str = field(default="", compare=False)
 
     def label_id(self, organ: str) -> int:

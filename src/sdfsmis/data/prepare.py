@@ -6,7 +6,10 @@ Order of work:
 1. find the pairs and validate every scan that needs work (readable NIfTI, 3-D, finite intensities,
    integer label ids of the dataset, same shape and affine) **before anything is written**; a bad file
    is an :class:`~sdfsmis.errors.InputError` naming it, and ``OUT`` is left as it was;
-2. per scan: normalise the image (z-score, clip to the 0.5/99.5 percentiles, map to [-1, 1]),
+2. per scan: for a CT dataset (``modality: "CT"``) whose scan is in raw Hounsfield units
+   (:func:`~sdfsmis.data.intensity.detect_modality`), clip it to the abdominal window [-125, 275]
+   HU first, as the training data were; normalise the image (z-score, clip to the 0.5/99.5
+   percentiles, map to [-1, 1]),
    compute the body mask and the supervoxels, the class-to-slice index and the ``sv_pairs``; write
    ``scans/<id>.npz`` and then a small record ``scans/<id>.json`` (each to a temporary name, renamed
    when complete);
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .datasets import DatasetSpec, get_spec
+from .intensity import ABDOMINAL_WINDOW, apply_window, detect_modality
 from .nifti import check_pair, load_volume
 from .prepared import DATASET_JSON, FORMAT_VERSION
 from .supervoxels import SupervoxelConfig, compute_supervoxels, supervoxel_slice_pairs
@@ -200,8 +204,11 @@ def _validate(scan: ScanSource, spec: DatasetSpec) -> tuple[str, str] | None:
 
 def _process(scan: ScanSource, spec: DatasetSpec, config: SupervoxelConfig, out: Path, record: dict) -> dict:
     image, label = _load_pair(scan, spec)
-    norm = normalise_image(image.array)
-    supervoxels, body = compute_supervoxels(image.array, image.spacing, config)
+    voxels = image.array
+    if spec.modality == "CT" and detect_modality(voxels) == "ct":  # raw Hounsfield units: window first
+        voxels = apply_window(voxels, ABDOMINAL_WINDOW)
+    norm = normalise_image(voxels)
+    supervoxels, body = compute_supervoxels(voxels, image.spacing, config)
     pairs = supervoxel_slice_pairs(supervoxels, MIN_PAIR_PIXELS, config.pair_offset)
     arrays = {
         "image": norm.astype(np.float16),
