@@ -47,7 +47,7 @@ def run(precision: str, device: str, checkpoint: str | None) -> dict:
 
     totals: dict[str, float] = defaultdict(float)
     load = P.load_model
-    P.load_model = lambda path, dev: _timed(load(path, dev), totals)
+    P.load_model = lambda path, dev, **overrides: _timed(load(path, dev, **overrides), totals)
     files = demo_files()
     try:
         with tempfile.TemporaryDirectory() as tmp:
