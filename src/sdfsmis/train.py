@@ -538,7 +538,7 @@ def resolve_init_from(value: str) -> Path:
 
 def _init_weights(model: nn.Module, cfg: TrainConfig) -> None:
     """Load ``cfg.init_from``'s weights into ``model`` (same architecture required)."""
-    from sdfsmis.models.io import load_config as load_model_config, load_pretrained
+    from sdfsmis.models.io import load_config as load_model_config
 
     path = resolve_init_from(cfg.init_from)
     saved_cfg = load_model_config(path)
@@ -546,14 +546,12 @@ def _init_weights(model: nn.Module, cfg: TrainConfig) -> None:
         raise InputError(path / "config.json", f"init_from holds a {saved_cfg.method} model on the "
                          f"{saved_cfg.backbone.tier} tier; set model.method={saved_cfg.method} "
                          f"model.backbone.tier={saved_cfg.backbone.tier} (and the rest of its model config)")
-    saved = load_pretrained(path)
     try:
-        model.load_state_dict(saved.state_dict(), strict=True)
+        _load_weights(model, path)
     except RuntimeError as err:
         first = str(err).splitlines()[1:2] or [str(err)]
         raise InputError(path / "config.json", "init_from: the model config differs from this run's "
                          f"model.* settings ({first[0].strip()}); copy its model config") from None
-    del saved
     log.info("starting from the weights of %s with a fresh optimizer (init_from)", path)
 
 
