@@ -365,20 +365,17 @@ class EpisodeSampler:
 
     def _extend(self, sid: str, sv: int, z: int, n: int) -> list[int]:
         """Up to ``n`` further slices holding supervoxel ``sv`` outwards from the pair (z, z+1)."""
-        def ok(k: int) -> bool:
-            return self._holds(sid, sv, k)
-
         out: list[int] = []
         left, right, left_open, right_open = z - 1, z + 2, True, True
         while len(out) < n and (left_open or right_open):
             if left_open:
-                if ok(left):
+                if self._holds(sid, sv, left):
                     out.append(left)
                     left -= 1
                 else:
                     left_open = False
             if len(out) < n and right_open:
-                if ok(right):
+                if self._holds(sid, sv, right):
                     out.append(right)
                     right += 1
                 else:
