@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .data.prepare import atomic_write_bytes
 from .errors import InputError
 
 FORMAT = "sdfsmis-support-set"
@@ -128,15 +127,14 @@ def _nifti_bytes(arr: np.ndarray, spacing: tuple[float, float, float]) -> bytes:
 def save(sset: SupportSet, path: str | Path) -> Path:
     """Write ``sset`` to ``path`` (temporary name, then renamed: never a partial file)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+
+    def write(fileobj) -> None:
+        with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr("support_set.json", json.dumps(sset.meta(), indent=2) + "\n")
             zf.writestr("image.nii.gz", _nifti_bytes(sset.image.astype(np.float32), sset.spacing))
             zf.writestr("mask.nii.gz", _nifti_bytes(sset.mask.astype(np.uint16), sset.spacing))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write_bytes(path, write)
     return path
 
 

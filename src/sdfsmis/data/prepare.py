@@ -142,7 +142,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write) -> None:
     """``write(fileobj)`` into a temporary file next to ``path``, then rename it to ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -155,7 +155,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def savez_fast(f, arrays: dict[str, np.ndarray], level: int = 1) -> None:
@@ -218,7 +218,7 @@ def _process(scan: ScanSource, spec: DatasetSpec, config: SupervoxelConfig, out:
         "sv_pairs": pairs.astype(np.int32),
     }
     npz = out / "scans" / f"{scan.id}.npz"
-    _atomic_write_bytes(npz, lambda f: savez_fast(f, arrays))
+    atomic_write_bytes(npz, lambda f: savez_fast(f, arrays))
     entry = {
         "id": scan.id,
         "file": f"scans/{scan.id}.npz",
