@@ -57,10 +57,10 @@ class ShiftedQueries:
 
     def predict(self, support_images: Tensor, support_masks: Tensor, query_images: Tensor,
                 spacing=None) -> Tensor:
-        from .protocol import _takes_spacing
+        from .protocol import takes_spacing
 
         moved = translate(query_images, self.dx, self.dy, -1.0)
-        extra = {"spacing": spacing} if spacing is not None and _takes_spacing(self.predictor) else {}
+        extra = {"spacing": spacing} if spacing is not None and takes_spacing(self.predictor) else {}
         prob = self.predictor.predict(support_images, support_masks, moved, **extra)
         return translate(torch.as_tensor(prob), -self.dx, -self.dy, 0.0)
 

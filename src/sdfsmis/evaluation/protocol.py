@@ -312,7 +312,7 @@ def evaluate(
     )
 
 
-def _takes_spacing(predictor: Any) -> bool:
+def takes_spacing(predictor: Any) -> bool:
     """Whether ``predictor.predict`` accepts ``spacing=((support dx, dy), (query dx, dy))``."""
     import inspect
 
@@ -337,7 +337,7 @@ def _run_case(
         )
         q_img = _slices(qry.image, q_chunk)
         t0 = time.perf_counter()
-        if _takes_spacing(predictor):  # the shared slice pipeline needs the pixel sizes
+        if takes_spacing(predictor):  # the shared slice pipeline needs the pixel sizes
             prob = predictor.predict(s_img, s_msk, q_img, spacing=(sup.spacing[:2], qry.spacing[:2]))
         else:
             prob = predictor.predict(s_img, s_msk, q_img)
