@@ -76,20 +76,26 @@ def _variant(kind: str, data: np.ndarray, zooms=(1.0, 1.0, 3.0)) -> tuple[np.nda
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["ras", "flipped", "transposed", "oblique"])
-def test_oracle_masks_land_exactly_in_the_query_geometry(kind, tmp_path, monkeypatch):
+def _predict_with_oracle(tmp_path, monkeypatch, q_data, q_aff):
+    """``predict`` with the oracle model: support = volume 0 (1 x 1 x 3 mm), query = ``q_data``
+    stored with ``q_aff``; returns the result and the written label volume."""
     monkeypatch.setattr(P, "load_model", lambda path, device, **overrides: Oracle())
     s_img, s_blob = _volumes(0)
-    q_img, q_blob = _volumes(1)
     aff = np.diag([1.0, 1.0, 3.0, 1.0])
     sup = _save(tmp_path / "s.nii.gz", s_img, aff)
     msk = _save(tmp_path / "m.nii.gz", s_blob.astype(np.uint8), aff)
-    q_data, q_aff = _variant(kind, q_img)
-    expected = _variant(kind, q_blob)[0]
     query = _save(tmp_path / "q.nii.gz", q_data, q_aff)
     res = P.predict(sup, msk, query, tmp_path / "o.nii.gz", checkpoint=Path(P.DEFAULT_MODEL_DIR), overlay=False,
                     progress=False, z_margin=None, min_area_mm2=0, device="cpu")
-    out = np.asarray(nib.load(str(res.segmentation)).dataobj)
+    return res, np.asarray(nib.load(str(res.segmentation)).dataobj)
+
+
+@pytest.mark.parametrize("kind", ["ras", "flipped", "transposed", "oblique"])
+def test_oracle_masks_land_exactly_in_the_query_geometry(kind, tmp_path, monkeypatch):
+    q_img, q_blob = _volumes(1)
+    q_data, q_aff = _variant(kind, q_img)
+    expected = _variant(kind, q_blob)[0]
+    res, out = _predict_with_oracle(tmp_path, monkeypatch, q_data, q_aff)
     assert out.shape == q_data.shape
     np.testing.assert_array_equal(out == 1, expected)
     assert res.summary["slice_axis"]["query"]["file_axis"] == (0 if kind == "transposed" else 2)
@@ -98,16 +104,9 @@ def test_oracle_masks_land_exactly_in_the_query_geometry(kind, tmp_path, monkeyp
 def test_oracle_masks_with_anisotropic_pixels(tmp_path, monkeypatch):
     """Pixels of 0.8 x 1.2 mm (query) and 1 x 1 mm (support): the slices are resampled to one pixel
     size and back, so the blob comes back within resampling error."""
-    monkeypatch.setattr(P, "load_model", lambda path, device, **overrides: Oracle())
-    s_img, s_blob = _volumes(0)
     q_img, q_blob = _volumes(1)
-    aff = np.diag([1.0, 1.0, 3.0, 1.0])
-    sup = _save(tmp_path / "s.nii.gz", s_img, aff)
-    msk = _save(tmp_path / "m.nii.gz", s_blob.astype(np.uint8), aff)
-    query = _save(tmp_path / "q.nii.gz", q_img, np.diag([0.8, 1.2, 3.0, 1.0]))
-    res = P.predict(sup, msk, query, tmp_path / "o.nii.gz", checkpoint=Path(P.DEFAULT_MODEL_DIR), overlay=False,
-                    progress=False, z_margin=None, min_area_mm2=0, device="cpu")
-    out = np.asarray(nib.load(str(res.segmentation)).dataobj) == 1
+    _, labels = _predict_with_oracle(tmp_path, monkeypatch, q_img, np.diag([0.8, 1.2, 3.0, 1.0]))
+    out = labels == 1
     dice = 2 * (out & q_blob).sum() / (out.sum() + q_blob.sum())
     assert dice > 0.9
     np.testing.assert_allclose(np.argwhere(out).mean(0), np.argwhere(q_blob).mean(0), atol=0.5)
