@@ -40,6 +40,7 @@ import torch
 from ..data.folds import N_FOLDS, choose_support, split
 from ..errors import InputError
 from .metrics import MetricAccumulator, all_metrics
+from .tables import markdown_tables
 
 PROB_THRESHOLD = 0.5
 
@@ -136,8 +137,6 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)  # e.g. a model that marks (almost) nothing
 
     def __str__(self) -> str:
-        from .report import markdown_tables
-
         where = f"\nreports: {Path(next(iter(self.outputs.values()))).parent}" if self.outputs else ""
         return (f"{self.dataset} / {self.method}: {len(self.cases)} cases, folds {self.config['folds']}\n"
                 + markdown_tables([(self.method, self.setting, self.summary())], self.config["organs"]) + where)
