@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from sdfsmis.models.backbones import Backbone
 from sdfsmis.models.config import ModelConfig, apply_threshold
+from sdfsmis.models.io import load_pretrained, save_pretrained
 from sdfsmis.models.processors import BranchContext, pad_channels
 
 
@@ -143,19 +144,15 @@ class LatentSegmenter(nn.Module):
         lrs = {"backbone": lr_backbone, "new": lr_new}
         return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
-    # -- persistence -----------------------------------------------------------------------------
+    # -- persistence (the work is done in sdfsmis.models.io, which never imports a method) ---------
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (see ``sdfsmis.models.io``); ``dtype``
         (``torch.float16``) stores the floating-point weights in that type."""
-        from sdfsmis.models.io import save_pretrained
-
         return save_pretrained(self, directory, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentSegmenter:
         """Load a directory written by ``save_pretrained``; checks the method matches ``cls``."""
-        from sdfsmis.models.io import load_pretrained
-
         model = load_pretrained(directory, device=device)
         if not isinstance(model, cls):
             raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")

@@ -24,10 +24,12 @@ from sdfsmis.models.backbones import Backbone, build_backbone, widen_conv_in
 from sdfsmis.models.base import Episode, FewShotSegmenter, SupportCache
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.processors import DualConvIn, install_kv_fusion
+from sdfsmis.models.registry import register
 
 __all__ = ["DiffewS", "SupportCache"]
 
 
+@register("diffews")
 class DiffewS(FewShotSegmenter):
     """DiffewS. Same public API as ``SDFSMIS``."""
 

@@ -1,6 +1,5 @@
-"""Building, saving and loading models.
-
-``build_model(ModelConfig) -> model`` is the one call to get a model (``sdfsmis.models.build``).
+"""Saving and loading models (building one is ``sdfsmis.models.registry.build_model``, exported as
+``sdfsmis.models.build``; this module reaches the method classes only through that registry).
 
 A saved model is a directory with
 
@@ -34,28 +33,11 @@ from sdfsmis import __version__
 from sdfsmis.errors import InputError
 from sdfsmis.models.backbones import Backbone, build_backbone
 from sdfsmis.models.config import ModelConfig
+from sdfsmis.models.registry import build_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 EXTERNAL_PREFIXES = ("vae.", "image_encoder.")
-
-
-def build_model(cfg: ModelConfig, backbone: Backbone | None = None) -> nn.Module:
-    """The model of ``cfg.method`` (``SDFSMIS``, ``DiffewS`` or ``SDSeg``) on ``cfg.backbone``
-    (or on an already built ``backbone``)."""
-    if cfg.method == "sdfsmis":
-        from sdfsmis.models.sdfsmis import SDFSMIS
-
-        return SDFSMIS(cfg, backbone)
-    if cfg.method == "diffews":
-        from sdfsmis.models.diffews import DiffewS
-
-        return DiffewS(cfg, backbone)
-    if cfg.method == "sdseg":
-        from sdfsmis.models.sdseg import SDSeg
-
-        return SDSeg(cfg, backbone)
-    raise InputError(None, f"unknown method {cfg.method!r}")
 
 
 def _absolute(value: str | None) -> str | None:

@@ -40,6 +40,7 @@ from sdfsmis.models.base import Episode, FewShotSegmenter, SupportCache
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.image_encoders import masked_average
 from sdfsmis.models.processors import DualConvIn, install_sii, make_sii_layers
+from sdfsmis.models.registry import register
 
 __all__ = ["SDFSMIS", "VTCT", "SupportCache", "query_enhancement", "support_prototype"]
 
@@ -77,6 +78,7 @@ class VTCT(nn.Module):
         return self.mlp(prototype).unsqueeze(1)
 
 
+@register("sdfsmis")
 class SDFSMIS(FewShotSegmenter):
     """SD-FSMIS. ``forward(query [B,1,H,W], support_images [B,K,1,H,W], support_masks [B,K,1,H,W])
     -> probability [B,1,H,W]``; fast path ``prepare_support`` / ``predict_with_support``."""
