@@ -39,7 +39,7 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 def demo_slices(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] and the liver mask of the demo query scan, ``[Z, 1, size, size]``."""
-    from sdfsmis.data.prepare import normalise_image
+    from sdfsmis.data.intensity import normalise_image
 
     demo = files("sdfsmis") / "assets" / "demo"
     image = normalise_image(np.asarray(nib.load(str(demo / "query_image.nii.gz")).dataobj, np.float32))

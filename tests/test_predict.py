@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from sdfsmis import predict as P
+from sdfsmis.data.intensity import normalise_image
 from sdfsmis.errors import InputError
 
 SHAPE = (20, 24, 8)  # X, Y, Z of the synthetic scans
@@ -362,14 +363,14 @@ def test_slice_grid_keeps_physical_aspect_and_maps_back():
     assert float((back - smooth).abs().mean()) < 0.03
 
 
-def test_normalise_volume_range():
+def test_normalise_image_range():
     rng = np.random.default_rng(0)
     v = rng.gamma(2.0, 50.0, (16, 16, 4)).astype(np.float32)
-    n = P.normalise_volume(v)
+    n = normalise_image(v)
     assert n.dtype == np.float32 and n.shape == v.shape
     assert n.min() == pytest.approx(-1.0, abs=1e-5) and n.max() == pytest.approx(1.0, abs=1e-5)
     assert np.corrcoef(n.ravel(), v.ravel())[0, 1] > 0.9
-    assert not P.normalise_volume(np.ones((4, 4, 2))).any()
+    assert not normalise_image(np.ones((4, 4, 2))).any()
 
 
 def test_plan_organ_chunks_and_margin():

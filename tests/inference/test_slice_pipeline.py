@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdfsmis import predict as P
-from sdfsmis.data.prepare import normalise_image
+from sdfsmis.data.intensity import normalise_image
 
 SHAPE = (32, 32, 10)
 

@@ -37,14 +37,12 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .datasets import DatasetSpec, get_spec
-from .intensity import ABDOMINAL_WINDOW, apply_window, detect_modality
+from .intensity import ABDOMINAL_WINDOW, NORMALISATION, apply_window, detect_modality, normalise_image
 from .nifti import check_pair, load_volume
 from .prepared import DATASET_JSON, FORMAT_VERSION
 from .supervoxels import SupervoxelConfig, compute_supervoxels, supervoxel_slice_pairs
 
 MIN_PAIR_PIXELS = 200  # an sv_pairs row needs this many pixels of the supervoxel on both slices
-CLIP_PERCENTILES = (0.5, 99.5)
-NORMALISATION = "zscore, clip to percentiles 0.5/99.5, linear to [-1, 1]"
 _FILE_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
 
 
@@ -102,24 +100,6 @@ def find_scans(source: str | Path) -> list[ScanSource]:
             raise InputError(source / f"label_{scan_id}{suffix}", f"label file missing for {image.name}")
         scans.append(ScanSource(scan_id, image, labels[scan_id]))
     return scans
-
-
-def normalise_image(image: np.ndarray, percentiles: tuple[float, float] = CLIP_PERCENTILES) -> np.ndarray:
-    """Per-volume z-score, clipped to the percentiles of the z-scored values, mapped to [-1, 1].
-
-    ``image`` ``[X, Y, Z]`` -> float32 of the same shape. If the percentiles coincide (a volume almost
-    entirely one value) the full min..max range is used instead.
-    """
-    x = np.asarray(image, dtype=np.float32)
-    mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
-    z = (x - np.float32(mean)) / np.float32(std if std > 0 else 1.0)
-    lo, hi = (float(v) for v in np.percentile(z, percentiles))
-    if hi <= lo:
-        lo, hi = float(z.min()), float(z.max())
-    if hi <= lo:
-        return np.zeros_like(z)
-    z = np.clip(z, lo, hi)
-    return (z - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
 
 
 def class_slices(label: np.ndarray, label_ids: list[int]) -> dict[str, list[int]]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from sdfsmis import __version__
 from sdfsmis.errors import InputError
-from sdfsmis.models.backbones import Backbone, build_backbone
+from sdfsmis.models.backbones import build_backbone
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.registry import build_model
 
