@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import sdfsmis
+from sdfsmis import atomic
 from sdfsmis.data.augment import random_grids, random_intensity, resample
 from sdfsmis.errors import InputError
 
@@ -149,9 +149,8 @@ class LatentCache:
     def _write(self, sid: str, tensors: dict[str, Tensor]) -> None:
         """Replace the scan's file whole: write beside it, then rename."""
         self.store.mkdir(parents=True, exist_ok=True)
-        tmp = self.store / f".{sid}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, self.store / f"{sid}.safetensors")
+        with atomic.replacing(self.store / f"{sid}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
 
     def save(self) -> None:
         """Add the masks encoded since the last save to the store's files, merged with what other

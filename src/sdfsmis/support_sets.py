@@ -32,7 +32,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .data.prepare import atomic_write_bytes
+from . import atomic
 from .errors import InputError
 
 FORMAT = "sdfsmis-support-set"
@@ -135,7 +135,7 @@ def save(sset: SupportSet, path: str | Path) -> Path:
             zf.writestr("image.nii.gz", _nifti_bytes(sset.image.astype(np.float32), sset.spacing))
             zf.writestr("mask.nii.gz", _nifti_bytes(sset.mask.astype(np.uint16), sset.spacing))
 
-    atomic_write_bytes(path, write)
+    atomic.write_stream(path, write)
     return path
 
 

@@ -18,12 +18,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..errors import InputError
 from .protocol import EvalResult, Predictor, evaluate
 from .tables import markdown_tables
@@ -59,29 +58,6 @@ def _cases_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_all(out_dir: Path, files: dict[str, str]) -> dict[str, Path]:
-    """Write every file to a temporary name in ``out_dir``, then rename them all."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    temps: list[tuple[str, Path]] = []
-    try:
-        for name, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-            temps.append((name, Path(tmp)))
-        paths = {}
-        for name, tmp in temps:
-            os.replace(tmp, out_dir / name)
-            paths[name] = out_dir / name
-        return paths
-    finally:
-        for _, tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
 def write_reports(result: EvalResult, out_dir: str | Path, *, setting: str = "") -> dict[str, Path]:
     """Write ``cases.csv``, ``cases.json``, ``summary.json`` and ``table.md``; returns their paths."""
     out_dir = Path(out_dir)
@@ -102,7 +78,7 @@ def write_reports(result: EvalResult, out_dir: str | Path, *, setting: str = "")
         "summary.json": json.dumps(_json_clean(summary), indent=1) + "\n",
         "table.md": table,
     }
-    return _write_all(out_dir, files)
+    return atomic.write_files(out_dir, files)
 
 
 def combine_summaries(summary_files: Sequence[str | Path]) -> str:

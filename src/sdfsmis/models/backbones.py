@@ -25,6 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from sdfsmis import atomic
 from sdfsmis.errors import InputError
 from sdfsmis.models.image_encoders import (
     ImageEncoder,
@@ -315,9 +316,7 @@ def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Litera
         index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
                      scheduler=["diffusers", scheduler], safety_checker=[None, None],
                      feature_extractor=[None, None], requires_safety_checker=False)
-    tmp = out / "model_index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(out / "model_index.json")
+    atomic.write_json(out / "model_index.json", index)
     return out
 
 

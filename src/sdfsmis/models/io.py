@@ -21,7 +21,6 @@ Both files are written to temporary names and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdfsmis import __version__
+from sdfsmis import __version__, atomic
 from sdfsmis.errors import InputError
 from sdfsmis.models.backbones import build_backbone
 from sdfsmis.models.config import ModelConfig
@@ -61,16 +60,6 @@ def _saved_keys_filter(model: nn.Module):
     return lambda key: not key.startswith(external)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created); returns it.
 
@@ -82,9 +71,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype 
     state = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items() if keep(k)}
     meta = {"format": "pt", "sdfsmis_version": __version__, "method": model.config.method}
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
-    text = json.dumps(portable_config(model.config), indent=2) + "\n"
-    _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(text))
+    with atomic.replacing(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    atomic.write_json(out / CONFIG_NAME, portable_config(model.config))
     return out
 
 
