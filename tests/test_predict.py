@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from sdfsmis import predict as P
 from sdfsmis.data.intensity import normalise_image
 from sdfsmis.errors import InputError
+from sdfsmis.models import io as model_io
 
 SHAPE = (20, 24, 8)  # X, Y, Z of the synthetic scans
 ZOOMS = (1.5, 1.25, 4.0)
@@ -229,7 +230,7 @@ def test_unwritable_output_is_checked_first(scans, tmp_path, tiny_model):
 
 
 def test_missing_default_model_is_a_clear_error(scans, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", tmp_path / "assets" / "model")
+    monkeypatch.setattr(model_io, "BUNDLED_MODEL_DIR", tmp_path / "assets" / "model")
     with pytest.raises(InputError, match="no trained default model is bundled yet; pass --checkpoint DIR"):
         P.predict(scans["support"], scans["mask"], scans["query"], tmp_path / "o.nii.gz", progress=False)
     assert not list(tmp_path.glob("o.*"))

@@ -66,25 +66,16 @@ from .inference.slices import GRID, PRECISIONS, QueryEncoder, SliceGrid, SlicePi
 
 __all__ = ["predict", "PredictResult", "load_inputs", "plan_organ", "body_z_range", "SliceGrid", "binarise",
            "output_paths", "check_output", "resolve_checkpoint", "load_model", "Inputs",
-           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID", "DEFAULT_MODEL_DIR"]
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "model"
+           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID"]
 
 
 # ---------------------------------------------------------------------------------- the model
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """The model directory to use: ``checkpoint``, or the bundled default model. Raises InputError."""
-    if checkpoint is None or str(checkpoint) == "bundled":
-        path = DEFAULT_MODEL_DIR
-        if not (path / "config.json").is_file():
-            raise InputError(path, "no trained default model is bundled yet; pass --checkpoint DIR")
-        return path
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise InputError(path, "checkpoint folder does not exist")
-    if not (path / "config.json").is_file():
-        raise InputError(path, "not a trained model directory (no config.json)")
-    return path
+    """The model folder to use: ``checkpoint`` or, for ``None`` / ``"bundled"``, the bundled model
+    (``sdfsmis.models.io.model_dir``). Raises InputError."""
+    from .models.io import model_dir
+
+    return model_dir(checkpoint)
 
 
 def _device(device: str) -> torch.device:
@@ -102,20 +93,10 @@ def _device(device: str) -> torch.device:
 
 def load_model(path: Path, device: torch.device, backbone_path: str | Path | None = None,
                image_encoder_path: str | Path | None = None) -> Any:
-    """Load a trained model directory (``sdfsmis.models.io.load_pretrained``) in eval mode."""
-    from .models.io import load_pretrained
+    """The few-shot model of ``path`` in eval mode (``sdfsmis.models.io.load_model``)."""
+    from .models.io import load_model as load
 
-    try:
-        model = load_pretrained(path, device=device, backbone_path=backbone_path,
-                                image_encoder_path=image_encoder_path)
-    except InputError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise InputError(path, f"cannot load the model ({type(err).__name__}: {err})") from None
-    if not (hasattr(model, "prepare_support") and hasattr(model, "predict_with_support")):
-        raise InputError(path, f"{type(model).__name__} is not a few-shot model (no support path); "
-                               "predict needs an SD-FSMIS or DiffewS model")
-    return model.eval()
+    return load(path, device, backbone_path=backbone_path, image_encoder_path=image_encoder_path, few_shot=True)
 
 
 # --------------------------------------------------------------------------------- the loop

@@ -521,19 +521,12 @@ def warn_if_empty(check: Mapping[str, float] | None, where: str) -> bool:
 
 
 def resolve_init_from(value: str) -> Path:
-    """The model directory named by ``init_from``: ``"bundled"`` (the packaged model) or a folder
-    written by ``save_pretrained`` (a run's ``model/`` or a checkpoint's ``model/``)."""
-    from sdfsmis.predict import DEFAULT_MODEL_DIR
+    """The model directory named by ``init_from``: ``"bundled"`` (the packaged model), a folder
+    written by ``save_pretrained``, or a run or checkpoint folder (its ``model/``); see
+    ``sdfsmis.models.io.model_dir``."""
+    from sdfsmis.models.io import model_dir
 
-    path = DEFAULT_MODEL_DIR if value == "bundled" else Path(value).expanduser().resolve()
-    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
-        path = path / "model"  # a checkpoint folder
-    elif (path / "model" / "model.safetensors").is_file():
-        path = path / "model"  # a run folder (its config.json is the training config)
-    if not (path / "model.safetensors").is_file():
-        raise InputError(path, "init_from: not a saved model directory (no model.safetensors); use "
-                               "'bundled', a run's model/ folder or a checkpoint folder")
-    return path
+    return model_dir(value if value == "bundled" else Path(value).expanduser().resolve(), option="init_from")
 
 
 def _init_weights(model: nn.Module, cfg: TrainConfig) -> None:

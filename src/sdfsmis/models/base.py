@@ -81,6 +81,8 @@ class LatentSegmenter(nn.Module):
     """
 
     new_prefixes: tuple[str, ...] = ()
+    #: Whether the prediction depends on the support (few-shot); SDSeg ignores it.
+    uses_support: bool = False
 
     def __init__(self, config: ModelConfig, backbone: Backbone):
         super().__init__()
@@ -168,6 +170,7 @@ class FewShotSegmenter(LatentSegmenter):
     ``support_input(z_si [N, 4, h, w], z_sm [N, 4, h, w]) -> [N, Cs, h, w]``.
     """
 
+    uses_support = True
     has_support_branch: bool = True
     uses_features: bool = False
 

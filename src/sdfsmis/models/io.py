@@ -21,6 +21,7 @@ Both files are written to temporary names and renamed when complete.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ from sdfsmis.models.registry import build_model
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 EXTERNAL_PREFIXES = ("vae.", "image_encoder.")
+#: The model shipped in the package, named ``bundled`` wherever a model folder is asked for.
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "model"
 
 
 def _absolute(value: str | None) -> str | None:
@@ -142,3 +145,64 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *
     except RuntimeError as exc:
         raise InputError(weights, f"weights do not match the config: {exc}") from exc
     return model.to(device).eval()
+
+
+def model_dir(name: str | Path | None, option: str = "--checkpoint", also: Sequence[str] = ()) -> Path:
+    """The saved-model folder that ``name`` stands for: ``None`` or ``"bundled"`` (the packaged
+    model), a folder written by ``save_pretrained``, or a training run or checkpoint folder (its
+    ``model/``). InputError naming the folder (and ``option``, the setting that named it, and the
+    other values ``also`` it accepts) otherwise."""
+    if name is None or str(name) == "bundled":
+        path = BUNDLED_MODEL_DIR
+        if not (path / CONFIG_NAME).is_file():
+            raise InputError(path, f"no trained default model is bundled yet; pass {option} DIR")
+        return path
+    path = Path(name).expanduser()
+    choices = ", ".join([*(repr(a) for a in also), "'bundled'"])
+    hint = f"use {choices}, a model folder, a training run or a checkpoint"
+    if not path.is_dir():
+        raise InputError(path, f"{option}: model folder does not exist; {hint}")
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            return candidate
+    raise InputError(path, f"{option}: not a trained model directory (no {CONFIG_NAME} with {WEIGHTS_NAME}, "
+                           f"here or in model/); {hint}")
+
+
+def parse_threshold(text: str) -> tuple[str, float]:
+    """``RULE:VALUE`` (``absolute:-0.5``, ``relative:0.25``) -> (rule, value); InputError if malformed."""
+    rule, _, value = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if rule not in ("absolute", "relative") or number is None:
+        raise InputError(None, f"--threshold {text!r}: expected absolute:V (V in [-1, 1]) or relative:F")
+    return rule, number
+
+
+def load_model(name: str | Path | None, device: str | torch.device = "cpu", *,
+               backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None,
+               threshold: tuple[str, float] | None = None, few_shot: bool = False,
+               option: str = "--checkpoint", also: Sequence[str] = ()) -> nn.Module:
+    """The one way the tools load a model: :func:`model_dir` + :func:`load_pretrained`, in eval mode.
+
+    ``threshold`` (rule, value; :func:`parse_threshold`) replaces the saved threshold rule.
+    ``few_shot=True`` refuses a model that does not segment by its support (SDSeg ignores the
+    support; ``predict`` needs one that uses it). Every failure is an InputError naming the folder.
+    """
+    path = model_dir(name, option, also)
+    try:
+        model = load_pretrained(path, device=device, backbone_path=backbone_path,
+                                image_encoder_path=image_encoder_path)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise InputError(path, f"cannot load the model ({type(err).__name__}: {err})") from None
+    if few_shot and not getattr(model, "uses_support", False):
+        raise InputError(path, f"{type(model).__name__} does not segment by the support (not a few-shot "
+                               "model); use an SD-FSMIS or DiffewS model")
+    if threshold is not None:
+        rule, value = threshold
+        model.config.threshold, model.config.threshold_value = rule, float(value)
+    return model.eval()
