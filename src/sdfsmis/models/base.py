@@ -42,12 +42,6 @@ class SupportCache:
     store: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     prototype: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> SupportCache:
-        return SupportCache(
-            shots=self.shots, cond=self.cond.to(device),
-            store={k: (a.to(device), b.to(device)) for k, (a, b) in self.store.items()},
-            prototype=None if self.prototype is None else self.prototype.to(device))
-
 
 @dataclass
 class Episode:
