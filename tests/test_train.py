@@ -392,8 +392,8 @@ def test_time_limit_stops_with_a_checkpoint_and_a_final_model(tmp_path, monkeypa
 
 
 def test_cached_latents_give_the_same_batches_and_loss(prepared):
-    """LatentCache returns what the model would compute from the sampler's images, and memoises masks."""
-    from sdfsmis.latents import LatentCache
+    """CachedEpisodeSampler returns what the model would compute from the sampler's images, and memoises masks."""
+    from sdfsmis.latents import CachedEpisodeSampler
     from sdfsmis.models import build
 
     cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true")
@@ -401,7 +401,7 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
     model = build(cfg.model).eval()
     cached = T.build_sampler(cfg, progress=False, model=model).samplers[0]
     plain = T.build_sampler(dataclasses.replace(cfg, cache_latents=False), progress=False).samplers[0]
-    assert isinstance(cached, LatentCache)
+    assert isinstance(cached, CachedEpisodeSampler)
     a = cached.sample(4, torch.Generator().manual_seed(5))
     b = plain.sample(4, torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -500,7 +500,7 @@ def test_latent_store_is_shared_by_ablation_variants(prepared, tmp_path):
         sampler = T.build_sampler(cfg, progress=False, model=model)
         batch = sampler.samplers[0].sample(4, torch.Generator().manual_seed(5))
         sampler.save_cache()
-        runs.append((model.uses_features, sampler.samplers[0], batch))
+        runs.append((model.uses_vtct, sampler.samplers[0], batch))
     (f0, s0, b0), (f1, s1, b1) = runs
     assert (f0, f1) == (False, True) and s0.store == s1.store
     assert "support_features" not in b0 and "support_features" in b1

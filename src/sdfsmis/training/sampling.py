@@ -65,12 +65,12 @@ def build_sampler(cfg: TrainConfig, device: torch.device | str = "cpu", progress
             episodes = dataclasses.replace(episodes, train_scan_ids=tuple(dataset.scan_ids))
         samplers.append(EpisodeSampler(dataset, episodes, device=device, progress=progress))
     if cfg.cache_latents:
-        from sdfsmis.latents import LatentCache
+        from sdfsmis.latents import CachedEpisodeSampler
 
         if model is None:
             raise ValueError("cache_latents needs the model whose encoders fill the cache")
         bf16 = cfg.mixed_precision == "bf16"
-        samplers = [LatentCache(s, model, progress=progress, store=cfg.cache_dir or None, bf16=bf16,
+        samplers = [CachedEpisodeSampler(s, model, progress=progress, store=cfg.cache_dir or None, bf16=bf16,
                                 bank=cfg.cache_bank) for s in samplers]
         if cfg.cache_prefill:
             for s in samplers:
