@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from sdfsmis.models.io import load_pretrained
+    from sdfsmis.models import load_pretrained
 
     path = args.model or str(files("sdfsmis") / "assets" / "model")
     model = load_pretrained(path, device="cpu").float().eval()

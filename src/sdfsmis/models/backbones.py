@@ -28,6 +28,7 @@ from torch import nn
 from sdfsmis import atomic
 from sdfsmis.errors import InputError
 from sdfsmis.models.image_encoders import (
+    Dinov2Encoder,
     ImageEncoder,
     VAEFeatureEncoder,
     load_dinov2,
@@ -226,6 +227,26 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     unet.train()
     return Backbone(unet=unet, vae=vae, image_encoder=image_encoder, cross_attention_dim=int(cross),
                     latent_size=image_size // vae.downsample, tier=tier, config=cfg)
+
+
+def random_sd_backbone(device: str | torch.device = "cpu", seed: int = 0) -> Backbone:
+    """An ``sd``-tier backbone with the shapes of Stable Diffusion 1.5 and random weights: the
+    860 M-parameter UNet (256 px, latent 32), its AutoencoderKL and a DINOv2-small image encoder.
+    For speed and memory measurements without the weights (``benchmarks/speed.py``)."""
+    from diffusers import AutoencoderKL
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # the SD 1.5 layout
+        kl = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=256, scaling_factor=0.18215)
+        dino = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                        intermediate_size=1536, patch_size=14, image_size=518))
+    return Backbone(unet=unet, vae=FrozenVAE(kl), image_encoder=Dinov2Encoder(dino), cross_attention_dim=768,
+                    latent_size=32, tier="sd", config=BackboneConfig(tier="sd", path="random"))
 
 
 def widen_conv_in(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:

@@ -128,6 +128,19 @@ class LatentSegmenter(nn.Module):
         """[N, 1, H, W] in {0, 1} -> [N, 4, H/8, W/8] (frozen VAE on the mask mapped to [-1, 1])."""
         return self.vae.encode_masks(masks.float()).float()
 
+    # -- speed -----------------------------------------------------------------------------------
+    def compile_modules(self, mode: str = "default") -> None:
+        """``torch.compile`` the UNet and the VAE's encoder and decoder in place (``mode`` as for
+        ``torch.compile``); the model's calls are unchanged."""
+        self.unet = torch.compile(self.unet, mode=mode, fullgraph=False)
+        self.vae.model.encoder = torch.compile(self.vae.model.encoder, mode=mode)
+        self.vae.model.decoder = torch.compile(self.vae.model.decoder, mode=mode)
+
+    def frozen_modules_to(self, dtype: torch.dtype) -> None:
+        """Cast the frozen VAE and image encoder to ``dtype`` (e.g. ``torch.bfloat16`` on a GPU)."""
+        self.vae.to(dtype=dtype)
+        self.image_encoder.to(dtype=dtype)
+
     # -- optimisation ----------------------------------------------------------------------------
     def parameter_groups(self, lr_backbone: float, lr_new: float) -> list[dict[str, Any]]:
         """AdamW groups: ``backbone`` (pretrained UNet / encoder weights, ``lr_backbone``) and ``new``

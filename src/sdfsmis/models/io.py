@@ -21,7 +21,7 @@ Both files are written to temporary names and renamed when complete.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -58,7 +58,9 @@ def portable_config(cfg: ModelConfig) -> dict:
     return data
 
 
-def _saved_keys_filter(model: nn.Module):
+def saved_key_filter(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a ``state_dict`` key of ``model`` is saved in ``model.safetensors``: all but the frozen
+    external modules (``vae.*``, ``image_encoder.*``), which the ``tiny`` tier saves too."""
     external = () if model.config.backbone.tier == "tiny" else EXTERNAL_PREFIXES
     return lambda key: not key.startswith(external)
 
@@ -70,7 +72,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype 
     for shipping; ``load_pretrained`` casts them back to the model's float32."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    keep = _saved_keys_filter(model)
+    keep = saved_key_filter(model)
     state = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items() if keep(k)}
     meta = {"format": "pt", "sdfsmis_version": __version__, "method": model.config.method}
@@ -134,7 +136,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *
     except (SafetensorError, OSError) as exc:
         raise InputError(weights, f"cannot read weights ({exc})") from exc
     model = _build_for_loading(cfg, directory / CONFIG_NAME)
-    keep = _saved_keys_filter(model)
+    keep = saved_key_filter(model)
     expected = {k for k in model.state_dict() if keep(k)}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
