@@ -1,6 +1,10 @@
 """Saving and loading models (building one is ``sdfsmis.models.registry.build_model``, exported as
 ``sdfsmis.models.build``; this module reaches the method classes only through that registry).
 
+Every tool finds and loads a model folder here: :func:`model_dir` (``bundled``, a model folder, a
+training run or a checkpoint), :func:`load_model` (with the ``--threshold`` override of
+:func:`parse_threshold` and the few-shot check ``predict`` needs).
+
 A saved model is a directory with
 
 - ``model.safetensors``: every parameter and persistent buffer of the model except those of the
