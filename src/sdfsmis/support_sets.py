@@ -100,7 +100,8 @@ def from_annotation(image_path: str | Path, mask_path: str | Path, name: str,
                     labels: list[dict] | None = None) -> SupportSet:
     """Collect the annotated axial slices of ``mask_path`` (and ``image_path``) into a set."""
     from .data.intensity import normalise_image
-    from .predict import body_z_range, load_inputs
+    from .inference.planning import body_z_range
+    from .inference.scans import load_inputs
 
     name = check_name(name)
     inputs = load_inputs(image_path, mask_path, image_path)
