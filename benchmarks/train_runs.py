@@ -3,12 +3,13 @@
     python benchmarks/train_runs.py runs/cpu-ct-s1/*/ [--json runs.json]
 
 Per run: method, tier, image size, episodes per step, device, steps, wall time (all calls of
-``train`` of a resumed run added up; model build, data loading and encoding included), median step time and
-iterations/s (over the logged windows, so encoding and checkpoints are left out), and peak memory
-(the CUDA allocator's peak on a GPU, the process's peak resident set on a CPU). From ``config.json``,
-``log.csv`` and ``invocations.csv`` (see ``sdfsmis.train``; runs written before it had that name
-hold the same rows in ``sittings.csv``); a run written before either existed gets its steps and step
-time from ``log.csv`` and no wall time or memory.
+``train`` of a resumed run added up; model build, data loading and encoding included), median step
+time and iterations/s (over the logged windows, so encoding and checkpoints are left out), and peak
+memory (the CUDA allocator's peak on a GPU, the process's peak resident set on a CPU). From
+``config.json``, ``log.csv`` and ``invocations.csv`` (see ``sdfsmis.train``; runs written before it
+had that name hold the same rows in ``sittings.csv``, a run resumed across the rename in both); a
+run written before either existed gets its steps and step time from ``log.csv`` and no wall time
+or memory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def run_speed(run: Path) -> dict:
     if not (run / "config.json").is_file() or not (run / "log.csv").is_file():
         raise ValueError(f"{run}: not a training run folder (config.json and log.csv expected)")
     cfg = json.loads((run / "config.json").read_text())
-    calls = _rows(run / "invocations.csv") or _rows(run / "sittings.csv")  # the file's earlier name
+    calls = _rows(run / "sittings.csv") + _rows(run / "invocations.csv")  # the earlier name first
     log = _rows(run / "log.csv")
     window_s = [float(r["sec_per_step"]) for r in log]
     median = statistics.median(window_s) if window_s else float("nan")
