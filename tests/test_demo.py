@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from sdfsmis import demo as D
-from sdfsmis import predict as P
 from sdfsmis.data.nifti import check_pair, load_volume
 from sdfsmis.errors import InputError
 from sdfsmis.models import io as model_io
