@@ -30,9 +30,11 @@ def _sd_params(config: dict) -> int:
 
 def _compact_params() -> int:
     from sdfsmis.models import BackboneConfig, ModelConfig, build
+    from sdfsmis.models.io import saved_key_filter
 
     model = build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="compact", image_size=128)))
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("vae.", "image_encoder.")))
+    saved = saved_key_filter(model)
+    return sum(p.numel() for n, p in model.named_parameters() if saved(n))
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 def demo_slices(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] and the liver mask of the demo query scan, ``[Z, 1, size, size]``."""
-    from sdfsmis.data.prepare import normalise_image
+    from sdfsmis.data.intensity import normalise_image
 
     demo = files("sdfsmis") / "assets" / "demo"
     image = normalise_image(np.asarray(nib.load(str(demo / "query_image.nii.gz")).dataobj, np.float32))
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from sdfsmis.models.io import load_pretrained
+    from sdfsmis.models import load_pretrained
 
     path = args.model or str(files("sdfsmis") / "assets" / "model")
     model = load_pretrained(path, device="cpu").float().eval()

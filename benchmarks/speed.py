@@ -31,34 +31,13 @@ import torch
 
 
 def build_model(size: str, device: str):
-    from sdfsmis.models.config import ModelConfig
-    from sdfsmis.models.sdfsmis import SDFSMIS
+    from sdfsmis.models import BackboneConfig, ModelConfig, build
+    from sdfsmis.models.backbones import random_sd_backbone
 
     if size in ("compact", "tiny"):
-        from sdfsmis.models.backbones import BackboneConfig
-
-        model = SDFSMIS(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier=size)))
-        return model.to(device)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import Dinov2Config, Dinov2Model
-
-    from sdfsmis.models.backbones import Backbone, BackboneConfig
-    from sdfsmis.models.image_encoders import Dinov2Encoder
-    from sdfsmis.models.vae import FrozenVAE
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # the SD 1.5 layout, 860 M
-        kl = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            sample_size=256, scaling_factor=0.18215)
-        dino = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                                        intermediate_size=1536, patch_size=14, image_size=518))
-    vae = FrozenVAE(kl)
-    backbone = Backbone(unet=unet, vae=vae, image_encoder=Dinov2Encoder(dino), cross_attention_dim=768,
-                        latent_size=32, tier="sd", config=BackboneConfig(tier="sd", path="random"))
-    return SDFSMIS(ModelConfig(method="sdfsmis", backbone=backbone.config), backbone=backbone).to(device)
+        return build(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier=size))).to(device)
+    backbone = random_sd_backbone(device)
+    return build(ModelConfig(method="sdfsmis", backbone=backbone.config), backbone).to(device)
 
 
 def sync(device: str) -> None:
@@ -135,9 +114,7 @@ def inference(model, args) -> dict:
     compiled = False
     if args.compile:
         try:
-            fast.unet = torch.compile(fast.unet, mode=args.compile_mode, fullgraph=False)
-            fast.vae.model.decoder = torch.compile(fast.vae.model.decoder, mode=args.compile_mode)
-            fast.vae.model.encoder = torch.compile(fast.vae.model.encoder, mode=args.compile_mode)
+            fast.compile_modules(args.compile_mode)
             compiled = True
         except Exception as err:  # noqa: BLE001 - report and go on eagerly
             out["compile_error"] = repr(err)
@@ -184,11 +161,10 @@ def train_step_times(model, args, fast: bool) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else nullcontext()
     m = copy.deepcopy(model).train()
     if fast and dev.startswith("cuda"):
-        m.vae.to(dtype=torch.bfloat16)
-        m.image_encoder.to(dtype=torch.bfloat16)
+        m.frozen_modules_to(torch.bfloat16)
         m = m.to(memory_format=torch.channels_last)
         if args.compile:
-            m.unet = torch.compile(m.unet, mode="default")
+            m.unet = torch.compile(m.unet, mode="default")  # the UNet alone: the frozen parts run once
     params = [p for p in m.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if (fast and dev.startswith("cuda")) else {}
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, **opt_kw)
@@ -230,7 +206,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     if args.model:
-        from sdfsmis.models.io import load_pretrained
+        from sdfsmis.models import load_pretrained
 
         model = load_pretrained(args.model, device=args.device)
     else:

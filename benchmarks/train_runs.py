@@ -2,12 +2,14 @@
 
     python benchmarks/train_runs.py runs/cpu-ct-s1/*/ [--json runs.json]
 
-Per run: method, tier, image size, episodes per step, device, steps, wall time (all sittings of a
-resumed run added up; model build, data loading and encoding included), median step time and
-iterations/s (over the logged windows, so encoding and checkpoints are left out), and peak memory
-(the CUDA allocator's peak on a GPU, the process's peak resident set on a CPU). From ``config.json``,
-``log.csv`` and ``sittings.csv`` (see ``sdfsmis.train``); a run written before ``sittings.csv``
-existed gets its steps and step time from ``log.csv`` and no wall time or memory.
+Per run: method, tier, image size, episodes per step, device, steps, wall time (all calls of
+``train`` of a resumed run added up; model build, data loading and encoding included), median step
+time and iterations/s (over the logged windows, so encoding and checkpoints are left out), and peak
+memory (the CUDA allocator's peak on a GPU, the process's peak resident set on a CPU). From
+``config.json``, ``log.csv`` and ``invocations.csv`` (see ``sdfsmis.train``; runs written before it
+had that name hold the same rows in ``sittings.csv``, a run resumed across the rename in both); a
+run written before either existed gets its steps and step time from ``log.csv`` and no wall time
+or memory.
 """
 
 from __future__ import annotations
@@ -32,19 +34,20 @@ def run_speed(run: Path) -> dict:
     if not (run / "config.json").is_file() or not (run / "log.csv").is_file():
         raise ValueError(f"{run}: not a training run folder (config.json and log.csv expected)")
     cfg = json.loads((run / "config.json").read_text())
-    log, sittings = _rows(run / "log.csv"), _rows(run / "sittings.csv")
+    calls = _rows(run / "sittings.csv") + _rows(run / "invocations.csv")  # the earlier name first
+    log = _rows(run / "log.csv")
     window_s = [float(r["sec_per_step"]) for r in log]
     median = statistics.median(window_s) if window_s else float("nan")
     episodes = cfg["batch_size"] * cfg.get("gradient_accumulation_steps", 1)
     return {
         "run": run.name, "method": cfg["model"]["method"], "tier": cfg["model"]["backbone"]["tier"],
         "image_size": cfg["episodes"]["image_size"], "episodes_per_step": episodes,
-        "device": sittings[-1]["device"] if sittings else None,
+        "device": calls[-1]["device"] if calls else None,
         "steps": int(log[-1]["step"]) if log else 0,
-        "wall_s": sum(float(s["wall_s"]) for s in sittings) if sittings else None,
+        "wall_s": sum(float(s["wall_s"]) for s in calls) if calls else None,
         "median_step_s": median, "iterations_per_s": 1 / median,
-        "peak_memory_mib": max(float(s["peak_memory_mib"]) for s in sittings) if sittings else None,
-        "memory": sittings[-1]["memory"] if sittings else None,
+        "peak_memory_mib": max(float(s["peak_memory_mib"]) for s in calls) if calls else None,
+        "memory": calls[-1]["memory"] if calls else None,
     }
 
 

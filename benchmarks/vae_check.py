@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sdfsmis.data.datasets import SPECS
 from sdfsmis.errors import InputError
-from sdfsmis.models.vae import FrozenVAE, load_taesd
+from sdfsmis.models import FrozenVAE, load_taesd
 
 
 def normalise(volume: np.ndarray) -> np.ndarray:

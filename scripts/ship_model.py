@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from sdfsmis.cli import parse_threshold
+from sdfsmis import atomic
 from sdfsmis.errors import InputError
-from sdfsmis.models.io import WEIGHTS_NAME, load_pretrained, save_pretrained
+from sdfsmis.models.io import WEIGHTS_NAME, load_model, parse_threshold, save_pretrained
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "sdfsmis" / "assets" / "model"
 MAX_BYTES = 25 * 1024 * 1024
@@ -51,9 +51,10 @@ def main() -> None:
         sys.exit(str(err))
 
     src = args.run / "model"
-    model = load_pretrained(src)
-    if threshold_rule is not None:
-        model.config.threshold, model.config.threshold_value = threshold_rule
+    try:
+        model = load_model(src, threshold=threshold_rule, option="RUN")
+    except InputError as err:
+        sys.exit(str(err))
     tmp = target.with_name(f".{target.name}-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, dtype=torch.float16)
@@ -72,12 +73,7 @@ def main() -> None:
         f"Made by `python scripts/ship_model.py {args.run}{threshold}` from a run of\n\n```bash\n{command}\n```\n\n"
         f"Weights: float16 ({size / 2**20:.1f} MiB); the training config is `train_config.json`.\n\n"
         f"{args.note}\n")
-    old = target.with_name(f".{target.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic.replace_dir(tmp, target)
     print(f"bundled model written to {target} ({size / 2**20:.1f} MiB)")
 
 

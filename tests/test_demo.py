@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from sdfsmis import demo as D
-from sdfsmis import predict as P
 from sdfsmis.data.nifti import check_pair, load_volume
 from sdfsmis.errors import InputError
+from sdfsmis.models import io as model_io
 
 
 def test_demo_assets_are_valid_and_small():
@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end(tiny_model, tmp_path, capsys):
 
 
 def test_demo_without_a_bundled_model_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", tmp_path / "no-model")
+    monkeypatch.setattr(model_io, "BUNDLED_MODEL_DIR", tmp_path / "no-model")
     with pytest.raises(InputError, match="no trained default model is bundled yet"):
         D.run_demo(tmp_path / "demo", progress=False, verbose=False)
     assert list((tmp_path / "demo").iterdir()) == []
@@ -56,7 +56,7 @@ def test_demo_without_a_bundled_model_says_so(tmp_path, monkeypatch):
 def test_bundled_model_loads_on_the_cpu_and_is_small():
     from sdfsmis.models.io import load_pretrained
 
-    folder = P.DEFAULT_MODEL_DIR
+    folder = model_io.BUNDLED_MODEL_DIR
     assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
     assert "sdfsmis train" in (folder / "README.md").read_text()
     model = load_pretrained(folder)

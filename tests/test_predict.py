@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from sdfsmis import predict as P
+from sdfsmis.data.intensity import normalise_image
 from sdfsmis.errors import InputError
+from sdfsmis.models import io as model_io
 
 SHAPE = (20, 24, 8)  # X, Y, Z of the synthetic scans
 ZOOMS = (1.5, 1.25, 4.0)
@@ -228,7 +230,7 @@ def test_unwritable_output_is_checked_first(scans, tmp_path, tiny_model):
 
 
 def test_missing_default_model_is_a_clear_error(scans, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", tmp_path / "assets" / "model")
+    monkeypatch.setattr(model_io, "BUNDLED_MODEL_DIR", tmp_path / "assets" / "model")
     with pytest.raises(InputError, match="no trained default model is bundled yet; pass --checkpoint DIR"):
         P.predict(scans["support"], scans["mask"], scans["query"], tmp_path / "o.nii.gz", progress=False)
     assert not list(tmp_path.glob("o.*"))
@@ -362,14 +364,14 @@ def test_slice_grid_keeps_physical_aspect_and_maps_back():
     assert float((back - smooth).abs().mean()) < 0.03
 
 
-def test_normalise_volume_range():
+def test_normalise_image_range():
     rng = np.random.default_rng(0)
     v = rng.gamma(2.0, 50.0, (16, 16, 4)).astype(np.float32)
-    n = P.normalise_volume(v)
+    n = normalise_image(v)
     assert n.dtype == np.float32 and n.shape == v.shape
     assert n.min() == pytest.approx(-1.0, abs=1e-5) and n.max() == pytest.approx(1.0, abs=1e-5)
     assert np.corrcoef(n.ravel(), v.ravel())[0, 1] > 0.9
-    assert not P.normalise_volume(np.ones((4, 4, 2))).any()
+    assert not normalise_image(np.ones((4, 4, 2))).any()
 
 
 def test_plan_organ_chunks_and_margin():

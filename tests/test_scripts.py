@@ -54,7 +54,7 @@ def test_run_experiments_trains_and_evaluates_a_plan(tmp_path):
     assert (tmp_path / "out" / "b" / "model" / "config.json").is_file()
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## a" in summary and "Dice" in summary and "## b" in summary
-    # the training-speed table of the two runs, from their config.json, log.csv and sittings.csv
+    # the training-speed table of the two runs, from their config.json, log.csv and invocations.csv
     res = _script(str(ROOT / "benchmarks" / "train_runs.py"), str(tmp_path / "out" / "a"), str(tmp_path / "out" / "b"),
                   "--json", str(tmp_path / "speed.json"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -21,6 +21,7 @@ from torch import nn
 from sdfsmis import train as T
 from sdfsmis.data.datasets import SPECS
 from sdfsmis.errors import InputError
+from sdfsmis.training import checkpoints
 
 X = Y = 32  # synthetic volumes: 32 x 32 x Z, the tiny tier's working size
 Z = 6
@@ -240,12 +241,12 @@ def test_tiny_model_interrupted_and_resumed_run_is_exact(tmp_path, prepared):
         assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # lost step 3 logged once
         assert all(float(r["loss"]) > 0 and float(r["sec_per_step"]) > 0 for r in rows)
         assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # one sittings.csv row per sitting: the full run; the interrupted one and its resumption
-    sittings = {out: list(csv.DictReader((out / "sittings.csv").open())) for out in (full_dir, part_dir)}
-    assert [(r["start_step"], r["end_step"]) for r in sittings[full_dir]] == [("0", "4")]
-    assert [(r["start_step"], r["end_step"]) for r in sittings[part_dir]] == [("0", "3"), ("2", "4")]
-    for r in sittings[full_dir] + sittings[part_dir]:
-        assert list(r) == list(T.SITTING_COLUMNS)
+    # one invocations.csv row per call of train: the full run; the interrupted one and its resumption
+    calls = {out: list(csv.DictReader((out / "invocations.csv").open())) for out in (full_dir, part_dir)}
+    assert [(r["start_step"], r["end_step"]) for r in calls[full_dir]] == [("0", "4")]
+    assert [(r["start_step"], r["end_step"]) for r in calls[part_dir]] == [("0", "3"), ("2", "4")]
+    for r in calls[full_dir] + calls[part_dir]:
+        assert list(r) == list(T.INVOCATION_COLUMNS)
         assert float(r["wall_s"]) >= float(r["median_step_s"]) > 0
         assert float(r["peak_memory_mib"]) > 100 and r["memory"] == "process_rss" and r["device"] == "cpu"
 
@@ -286,7 +287,7 @@ def test_failed_checkpoint_leaves_no_partial_folder(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(T, "_rng_state", broken)  # fails after model and optimizer were written
+    monkeypatch.setattr(checkpoints, "rng_state", broken)  # fails after model and optimizer were written
     with pytest.raises(OSError, match="disk full"):
         run_standin(standin_cfg(out), max_steps=4)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002"]
@@ -391,8 +392,8 @@ def test_time_limit_stops_with_a_checkpoint_and_a_final_model(tmp_path, monkeypa
 
 
 def test_cached_latents_give_the_same_batches_and_loss(prepared):
-    """LatentCache returns what the model would compute from the sampler's images, and memoises masks."""
-    from sdfsmis.latents import LatentCache
+    """CachedEpisodeSampler returns what the model would compute from the sampler's images, and memoises masks."""
+    from sdfsmis.latents import CachedEpisodeSampler
     from sdfsmis.models import build
 
     cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true")
@@ -400,7 +401,7 @@ def test_cached_latents_give_the_same_batches_and_loss(prepared):
     model = build(cfg.model).eval()
     cached = T.build_sampler(cfg, progress=False, model=model).samplers[0]
     plain = T.build_sampler(dataclasses.replace(cfg, cache_latents=False), progress=False).samplers[0]
-    assert isinstance(cached, LatentCache)
+    assert isinstance(cached, CachedEpisodeSampler)
     a = cached.sample(4, torch.Generator().manual_seed(5))
     b = plain.sample(4, torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -499,7 +500,7 @@ def test_latent_store_is_shared_by_ablation_variants(prepared, tmp_path):
         sampler = T.build_sampler(cfg, progress=False, model=model)
         batch = sampler.samplers[0].sample(4, torch.Generator().manual_seed(5))
         sampler.save_cache()
-        runs.append((model.uses_features, sampler.samplers[0], batch))
+        runs.append((model.uses_vtct, sampler.samplers[0], batch))
     (f0, s0, b0), (f1, s1, b1) = runs
     assert (f0, f1) == (False, True) and s0.store == s1.store
     assert "support_features" not in b0 and "support_features" in b1

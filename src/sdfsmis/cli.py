@@ -33,18 +33,6 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"prepared dataset written to {out}")
 
 
-def parse_threshold(text: str) -> tuple[str, float]:
-    """``RULE:VALUE`` (``absolute:-0.5``, ``relative:0.25``) -> (rule, value); InputError if malformed."""
-    rule, _, value = text.partition(":")
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if rule not in ("absolute", "relative") or number is None:
-        raise InputError(None, f"--threshold {text!r}: expected absolute:V (V in [-1, 1]) or relative:F")
-    return rule, number
-
-
 def _use_all_cores() -> None:
     """Inference uses every core this process may run on, unless OMP_NUM_THREADS says otherwise."""
     import os
@@ -81,23 +69,18 @@ def make_predictor(method: str, device: str, batch_size: int, threshold: tuple[s
         from .baseline import PrototypeBaseline
 
         return PrototypeBaseline(device=_device_name(device))
-    from .models.io import load_pretrained
+    from .models.io import load_model
     from .models.predictor import ModelPredictor
-    from .predict import DEFAULT_MODEL_DIR
 
-    path = DEFAULT_MODEL_DIR if method == "bundled" else Path(method)
-    if not (path / "config.json").is_file():
-        raise InputError(path, "not a trained model directory (no config.json); use 'paste', 'baseline', "
-                               "'bundled' or a model dir")
     device = _device_name(device)
-    model = load_pretrained(path, device=device, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
-    if threshold is not None:
-        model.config.threshold, model.config.threshold_value = threshold
+    model = load_model(method, device, backbone_path=backbone_path, image_encoder_path=image_encoder_path,
+                       threshold=threshold, option="--method", also=("paste", "baseline"))
     return ModelPredictor(model, device=device, batch_size=batch_size, precision=precision)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.report import open_prepared, run_evaluation
+    from .models.io import parse_threshold
 
     threshold = None if args.threshold is None else parse_threshold(args.threshold)
 

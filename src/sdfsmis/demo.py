@@ -9,8 +9,6 @@ unlike the evaluation protocol, which scores only the slices that hold the organ
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from . import atomic
 from .errors import InputError
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
@@ -40,11 +39,8 @@ def demo_files() -> dict[str, Path]:
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    try:
-        from .evaluation.metrics import dice
-    except ImportError:  # pragma: no cover - the metrics module is part of the package
-        denom = int(pred.sum()) + int(gt.sum())
-        return 1.0 if denom == 0 else 2.0 * int((pred & gt).sum()) / denom
+    from .evaluation.metrics import dice
+
     return float(dice(pred, gt))
 
 
@@ -88,12 +84,7 @@ def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | N
         "timing": result.summary["timing"],
         "slices_per_s": result.summary["slices_per_s"],
     }
-    tmp = out_dir / f".dice.json.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out_dir / "dice.json")
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_json(out_dir / "dice.json", report)
     report["dice_file"] = str(out_dir / "dice.json")
     if verbose:
         print("Demo: CHAOS T2 MRI, support patient 39 -> query patient 15 (CC BY-SA 4.0, Kavur et al. 2021)")

@@ -1,9 +1,9 @@
 """Training on cached encodings: the frozen encoders run once per slice and once per (slice, mask).
 
 The VAE encoder and the VTCT image encoder are frozen, so the encoding of a stored slice, or of
-the mask of one supervoxel (or organ) on a slice, never changes during training. ``LatentCache``
-wraps an :class:`~sdfsmis.data.episodes.EpisodeSampler`: it draws the same episodes, but returns
-them as the cached inputs that ``model.training_loss`` accepts (see
+the mask of one supervoxel (or organ) on a slice, never changes during training.
+``CachedEpisodeSampler`` wraps an :class:`~sdfsmis.data.episodes.EpisodeSampler`: it draws the same
+episodes, but returns them as the cached inputs that ``model.training_loss`` accepts (see
 ``FewShotSegmenter.episode_from_batch``) instead of images:
 
 - ``query_latents`` ``[B, 4, h, w]``, ``support_latents`` ``[B, K, 4, h, w]``: every training slice is
@@ -29,15 +29,15 @@ per scan, under a folder named after the dataset and a hash of what they depend 
 dataset's ``dataset.json``, the episode mode, the image size, the frozen encoder weights). Every run
 with the same hash reads them: the other folds of a cross-validation, a resumed run, a general model
 on the same dataset, the SD-FSMIS ablation variants and DiffewS on the same backbone (a run with VTCT
-adds the image-encoder features to files written without them). :meth:`LatentCache.save` adds the masks encoded since (the trainer calls it at
-every checkpoint); files are replaced whole, by rename, so concurrent runs never see a partial file.
+adds the image-encoder features to files written without them). :meth:`CachedEpisodeSampler.save`
+adds the masks encoded since (the trainer calls it at every checkpoint); files are replaced whole,
+by rename, so concurrent runs never see a partial file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import sdfsmis
+from sdfsmis import atomic
 from sdfsmis.data.augment import random_grids, random_intensity, resample
 from sdfsmis.errors import InputError
 
 
-class LatentCache:
+class CachedEpisodeSampler:
     """Episodes of ``sampler`` as cached encodings of ``model``'s frozen encoders (module docstring)."""
 
     def __init__(self, sampler: Any, model: nn.Module, chunk: int = 32, progress: bool = True,
@@ -107,14 +108,14 @@ class LatentCache:
             for sid in tqdm(self.sampler.train_ids, desc="encoding training slices", disable=not self.progress):
                 stored = self._read(sid)
                 missing = [c for c in copies if f"latents{c}" not in stored
-                           or (self.model.uses_features and f"features{c}" not in stored)]
+                           or (self.model.uses_vtct and f"features{c}" not in stored)]
                 if missing:
                     for c in missing:
                         stored |= self._encode_scan(sid, c)  # keeps the masks another run stored
                     if self.store is not None:
                         self._write(sid, stored)
                 out["latents"].append(torch.stack([stored[f"latents{c}"] for c in copies], 1).to(self.device))
-                if self.model.uses_features:
+                if self.model.uses_vtct:
                     out["features"].append(torch.stack([stored[f"features{c}"] for c in copies], 1).to(self.device))
                 rows = self.sampler.slice_range(sid)
                 for (z, t), lat in zip(stored.get("mask_keys", torch.empty(0, 2)).tolist(),
@@ -149,9 +150,8 @@ class LatentCache:
     def _write(self, sid: str, tensors: dict[str, Tensor]) -> None:
         """Replace the scan's file whole: write beside it, then rename."""
         self.store.mkdir(parents=True, exist_ok=True)
-        tmp = self.store / f".{sid}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, self.store / f"{sid}.safetensors")
+        with atomic.replacing(self.store / f"{sid}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
 
     def save(self) -> None:
         """Add the masks encoded since the last save to the store's files, merged with what other

@@ -22,7 +22,7 @@ How a scan becomes model input (the choices the papers leave open):
   back to the query's voxel order before writing.
 - **Intensities** (:mod:`sdfsmis.data.intensity`): CT (recognised from its values, or
   ``modality="ct"``) is windowed like the training data (default [-125, 275] HU); then the
-  protocol's rule, the prepare stage's function: z-score, clip to the 0.5/99.5 percentiles, [-1, 1].
+  protocol's rule, the function the prepare stage uses: z-score, clip to the 0.5/99.5 percentiles, [-1, 1].
 - **Slices -> model -> masks**: the slice pipeline shared with ``evaluate`` and the baseline
   (:mod:`sdfsmis.inference.slices`): common pixel size, aspect kept, padded to the model's grid;
   probabilities resampled back and thresholded by the model's rule; bf16 autocast by default.
@@ -33,7 +33,7 @@ How a scan becomes model input (the choices the papers leave open):
   query slice. The mapped range is split into ``chunks`` contiguous chunks, and the support's organ
   slices likewise (the evaluation protocol's rule): chunk i of the query is segmented with the middle
   slice(s) of support chunk i (``shots`` slices per chunk); margin slices go to the nearest chunk.
-  Predictions are kept only inside the query's body mask (:func:`sdfsmis.data.supervoxels.body_mask`)
+  Predictions are kept only inside the query's body mask (:func:`sdfsmis.data.body.body_mask`)
   and a predicted slice only if its foreground area is then at least ``min_area_mm2``. Measured on
   the 20 CHAOS MRI scans (every ordered pair, 4 organs), a margin of 0.2 keeps 98 % of the organ
   slices within the range (0.1: 93 %); on Synapse CT (10 scans) 92 % (0.1: 82 %).
@@ -55,8 +55,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .data.body import body_mask
 from .data.intensity import ABDOMINAL_WINDOW, check_window, model_intensities
-from .data.supervoxels import body_mask
 from .errors import InputError
 from .inference.cleanup import clean_labels
 from .inference.outputs import PredictResult, _Staging, _save_labels, check_output, montage, output_paths
@@ -65,33 +65,17 @@ from .inference.scans import MAX_LABEL, Inputs, Oriented, load_inputs, to_origin
 from .inference.slices import GRID, PRECISIONS, QueryEncoder, SliceGrid, SlicePipeline, binarise
 
 __all__ = ["predict", "PredictResult", "load_inputs", "plan_organ", "body_z_range", "SliceGrid", "binarise",
-           "normalise_volume", "output_paths", "check_output", "resolve_checkpoint", "load_model", "Inputs",
-           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID", "DEFAULT_MODEL_DIR"]
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "model"
-
-
-def normalise_volume(volume: np.ndarray) -> np.ndarray:
-    """The protocol's normalisation (``sdfsmis.data.prepare.normalise_image``), without windowing."""
-    from .data.prepare import normalise_image
-
-    return normalise_image(volume)
+           "output_paths", "check_output", "resolve_checkpoint", "load_model", "Inputs",
+           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID"]
 
 
 # ---------------------------------------------------------------------------------- the model
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """The model directory to use: ``checkpoint``, or the bundled default model. Raises InputError."""
-    if checkpoint is None or str(checkpoint) == "bundled":
-        path = DEFAULT_MODEL_DIR
-        if not (path / "config.json").is_file():
-            raise InputError(path, "no trained default model is bundled yet; pass --checkpoint DIR")
-        return path
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise InputError(path, "checkpoint folder does not exist")
-    if not (path / "config.json").is_file():
-        raise InputError(path, "not a trained model directory (no config.json)")
-    return path
+    """The model folder to use: ``checkpoint`` or, for ``None`` / ``"bundled"``, the bundled model
+    (``sdfsmis.models.io.model_dir``). Raises InputError."""
+    from .models.io import model_dir
+
+    return model_dir(checkpoint)
 
 
 def _device(device: str) -> torch.device:
@@ -109,20 +93,10 @@ def _device(device: str) -> torch.device:
 
 def load_model(path: Path, device: torch.device, backbone_path: str | Path | None = None,
                image_encoder_path: str | Path | None = None) -> Any:
-    """Load a trained model directory (``sdfsmis.models.io.load_pretrained``) in eval mode."""
-    from .models.io import load_pretrained
+    """The few-shot model of ``path`` in eval mode (``sdfsmis.models.io.load_model``)."""
+    from .models.io import load_model as load
 
-    try:
-        model = load_pretrained(path, device=device, backbone_path=backbone_path,
-                                image_encoder_path=image_encoder_path)
-    except InputError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise InputError(path, f"cannot load the model ({type(err).__name__}: {err})") from None
-    if not (hasattr(model, "prepare_support") and hasattr(model, "predict_with_support")):
-        raise InputError(path, f"{type(model).__name__} is not a few-shot model (no support path); "
-                               "predict needs an SD-FSMIS or DiffewS model")
-    return model.eval()
+    return load(path, device, backbone_path=backbone_path, image_encoder_path=image_encoder_path, few_shot=True)
 
 
 # --------------------------------------------------------------------------------- the loop

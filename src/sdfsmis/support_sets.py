@@ -32,7 +32,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .data.prepare import atomic_write_bytes
+from . import atomic
 from .errors import InputError
 
 FORMAT = "sdfsmis-support-set"
@@ -99,13 +99,15 @@ def label_infos(present: list[int], given: list[dict] | None = None) -> list[Lab
 def from_annotation(image_path: str | Path, mask_path: str | Path, name: str,
                     labels: list[dict] | None = None) -> SupportSet:
     """Collect the annotated axial slices of ``mask_path`` (and ``image_path``) into a set."""
-    from .predict import body_z_range, load_inputs, normalise_volume
+    from .data.intensity import normalise_image
+    from .inference.planning import body_z_range
+    from .inference.scans import load_inputs
 
     name = check_name(name)
     inputs = load_inputs(image_path, mask_path, image_path)
     mask = inputs.mask.data
     zs = [int(z) for z in np.flatnonzero(mask.any(axis=(0, 1)))]
-    body = body_z_range(normalise_volume(inputs.support.data))
+    body = body_z_range(normalise_image(inputs.support.data))
     return SupportSet(name=name, labels=label_infos(inputs.labels, labels),
                       spacing=tuple(float(z) for z in inputs.support.zooms),  # type: ignore[arg-type]
                       slices=zs, depth=int(mask.shape[2]), body_z_range=body,
@@ -134,7 +136,7 @@ def save(sset: SupportSet, path: str | Path) -> Path:
             zf.writestr("image.nii.gz", _nifti_bytes(sset.image.astype(np.float32), sset.spacing))
             zf.writestr("mask.nii.gz", _nifti_bytes(sset.mask.astype(np.uint16), sset.spacing))
 
-    atomic_write_bytes(path, write)
+    atomic.write_stream(path, write)
     return path
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import sdfsmis.data.prepare as prep
 from sdfsmis.data.datasets import SPECS
-from sdfsmis.data.prepare import find_scans, normalise_image, prepare_dataset
+from sdfsmis.data.intensity import normalise_image
+from sdfsmis.data.prepare import find_scans, prepare_dataset
 from sdfsmis.data.prepared import FORMAT_VERSION, PreparedDataset
 from sdfsmis.errors import InputError
 

@@ -9,8 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sdfsmis.data.intensity import apply_window, detect_modality, model_intensities
-from sdfsmis.data.prepare import normalise_image
+from sdfsmis.data.intensity import apply_window, detect_modality, model_intensities, normalise_image
 from sdfsmis.errors import InputError
 from sdfsmis.inference.cleanup import clean_labels, clean_mask
 from sdfsmis.inference.geometry import slice_axis, to_file_order, to_slice_order

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdfsmis import predict as P
-from sdfsmis.data.prepare import normalise_image
+from sdfsmis.data.intensity import normalise_image
 
 SHAPE = (32, 32, 10)
 
@@ -85,7 +85,7 @@ def _predict_with_oracle(tmp_path, monkeypatch, q_data, q_aff):
     sup = _save(tmp_path / "s.nii.gz", s_img, aff)
     msk = _save(tmp_path / "m.nii.gz", s_blob.astype(np.uint8), aff)
     query = _save(tmp_path / "q.nii.gz", q_data, q_aff)
-    res = P.predict(sup, msk, query, tmp_path / "o.nii.gz", checkpoint=Path(P.DEFAULT_MODEL_DIR), overlay=False,
+    res = P.predict(sup, msk, query, tmp_path / "o.nii.gz", checkpoint="bundled", overlay=False,
                     progress=False, z_margin=None, min_area_mm2=0, device="cpu")
     return res, np.asarray(nib.load(str(res.segmentation)).dataobj)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdfsmis.models import BackboneConfig, ModelConfig, build
-from sdfsmis.models.base import Episode
+from sdfsmis.models.base import EncodedEpisode
 from sdfsmis.models.config import apply_threshold
 from sdfsmis.models.diffews import DiffewS
 from sdfsmis.models.predictor import ModelPredictor
@@ -127,7 +127,7 @@ def test_query_enhancement_and_fallback_counter():
     torch.testing.assert_close(p_q[1], v)
 
     model = _model()
-    ep = Episode(z_qi, z_si, z_si.clone(), masks, torch.ones(2, 1, model.image_encoder.dim, 4, 4))
+    ep = EncodedEpisode(z_qi, z_si, z_si.clone(), masks, torch.ones(2, 1, model.image_encoder.dim, 4, 4))
     with torch.no_grad():
         model.predict_latents(ep)
     assert int(model.qe_calls) == 2 and int(model.qe_fallbacks) == 1

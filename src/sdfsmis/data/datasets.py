@@ -28,12 +28,6 @@ class DatasetSpec:
     def label_id(self, organ: str) -> int:
         return self.labels[organ]
 
-    def organ_name(self, label_id: int) -> str:
-        for name, lid in self.labels.items():
-            if lid == label_id:
-                return name
-        raise KeyError(label_id)
-
 
 ABD_ORGANS = ("spleen", "liver", "left_kidney", "right_kidney")  # paper Table 1 column order
 

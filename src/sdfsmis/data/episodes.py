@@ -349,13 +349,6 @@ class EpisodeSampler:
         """bool ``[Z]``: slices of a training scan that no episode uses (Setting 2)."""
         return self._excluded[scan_id]
 
-    def describe(self) -> dict[str, Any]:
-        """Counts for logs: training scans, usable rows per scan, excluded slices per scan."""
-        return {"mode": self.config.mode, "setting": self.config.setting, "train_scan_ids": self.train_ids,
-                "usable_rows": {s: int(len(self._rows[s])) for s in self.train_ids},
-                "excluded_slices": {s: int(self._excluded[s].sum()) for s in self.train_ids},
-                "slices": int(self._images.shape[0])}
-
     # -- drawing --------------------------------------------------------------------------------
 
     def _holds(self, sid: str, sv: int, z: int) -> bool:

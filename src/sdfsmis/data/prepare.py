@@ -23,9 +23,7 @@ missing or changed scans are redone. ``overwrite=True`` redoes all.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -35,16 +33,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import atomic
 from ..errors import InputError
 from .datasets import DatasetSpec, get_spec
-from .intensity import ABDOMINAL_WINDOW, apply_window, detect_modality
+from .intensity import ABDOMINAL_WINDOW, NORMALISATION, apply_window, detect_modality, normalise_image
 from .nifti import check_pair, load_volume
 from .prepared import DATASET_JSON, FORMAT_VERSION
 from .supervoxels import SupervoxelConfig, compute_supervoxels, supervoxel_slice_pairs
 
 MIN_PAIR_PIXELS = 200  # an sv_pairs row needs this many pixels of the supervoxel on both slices
-CLIP_PERCENTILES = (0.5, 99.5)
-NORMALISATION = "zscore, clip to percentiles 0.5/99.5, linear to [-1, 1]"
 _FILE_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
 
 
@@ -104,24 +101,6 @@ def find_scans(source: str | Path) -> list[ScanSource]:
     return scans
 
 
-def normalise_image(image: np.ndarray, percentiles: tuple[float, float] = CLIP_PERCENTILES) -> np.ndarray:
-    """Per-volume z-score, clipped to the percentiles of the z-scored values, mapped to [-1, 1].
-
-    ``image`` ``[X, Y, Z]`` -> float32 of the same shape. If the percentiles coincide (a volume almost
-    entirely one value) the full min..max range is used instead.
-    """
-    x = np.asarray(image, dtype=np.float32)
-    mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
-    z = (x - np.float32(mean)) / np.float32(std if std > 0 else 1.0)
-    lo, hi = (float(v) for v in np.percentile(z, percentiles))
-    if hi <= lo:
-        lo, hi = float(z.min()), float(z.max())
-    if hi <= lo:
-        return np.zeros_like(z)
-    z = np.clip(z, lo, hi)
-    return (z - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
-
-
 def class_slices(label: np.ndarray, label_ids: list[int]) -> dict[str, list[int]]:
     """``{str(id): [z, ...]}`` for every id: the axial slices ``label[:, :, z]`` holding it."""
     top = max([int(label.max()), *label_ids]) + 1
@@ -140,22 +119,6 @@ def _file_stat(path: Path) -> dict:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """``write(fileobj)`` into a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def savez_fast(f, arrays: dict[str, np.ndarray], level: int = 1) -> None:
@@ -218,7 +181,7 @@ def _process(scan: ScanSource, spec: DatasetSpec, config: SupervoxelConfig, out:
         "sv_pairs": pairs.astype(np.int32),
     }
     npz = out / "scans" / f"{scan.id}.npz"
-    atomic_write_bytes(npz, lambda f: savez_fast(f, arrays))
+    atomic.write_stream(npz, lambda f: savez_fast(f, arrays))
     entry = {
         "id": scan.id,
         "file": f"scans/{scan.id}.npz",
@@ -231,7 +194,7 @@ def _process(scan: ScanSource, spec: DatasetSpec, config: SupervoxelConfig, out:
         "source": {"image": record["image"], "label": record["label"]},
     }
     sidecar = {"record": record, "npz_size": npz.stat().st_size, "entry": entry}
-    _atomic_write_json(out / "scans" / f"{scan.id}.json", sidecar)
+    atomic.write_json(out / "scans" / f"{scan.id}.json", sidecar, indent=1)
     return entry
 
 
@@ -347,7 +310,7 @@ def prepare_dataset(
         "min_pair_pixels": MIN_PAIR_PIXELS,
         "scans": [done[s.id] for s in scans],
     }
-    _atomic_write_json(existing, meta)
+    atomic.write_json(existing, meta, indent=1)
     keep = {f"{s.id}.npz" for s in scans} | {f"{s.id}.json" for s in scans}
     for stale in (out / "scans").iterdir():  # scans no longer in the source, temporaries of killed runs
         if stale.is_file() and stale.name not in keep and stale.suffix in (".npz", ".json", ".tmp"):

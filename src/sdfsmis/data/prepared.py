@@ -72,10 +72,6 @@ class ScanInfo:
             source=dict(entry.get("source", {})),
         )
 
-    def slices_with(self, label_id: int) -> list[int]:
-        """Slices holding ``label_id`` (empty if none or unknown)."""
-        return list(self.class_slices.get(label_id, []))
-
 
 @dataclass
 class Scan:

@@ -2,7 +2,8 @@
 
 from .metrics import MetricAccumulator, all_metrics, assd, confusion_counts, dice, dice_from_counts, hd95
 from .protocol import CaseResult, EvalResult, Predictor, chunk_support_slices, evaluate
-from .report import combine_summaries, markdown_tables, run_evaluation, write_reports
+from .report import combine_summaries, run_evaluation, write_reports
+from .tables import markdown_tables
 
 __all__ = [
     "CaseResult", "EvalResult", "combine_summaries", "MetricAccumulator", "Predictor", "all_metrics", "assd",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -205,8 +205,3 @@ class MetricAccumulator:
         mean = {m: _nanmean(o[m] for o in organs.values()) for m in METRICS}
         mean["slices_per_s"] = tot_slices / tot_seconds if tot_seconds > 0 else float("nan")
         return {"organs": organs, "mean": mean, "n_cases": len(self.rows)}
-
-
-def row_from_dataclass(obj: Any) -> dict[str, Any]:
-    """A dataclass instance as a plain dict row (helper for :meth:`MetricAccumulator.add`)."""
-    return asdict(obj)

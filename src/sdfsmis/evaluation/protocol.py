@@ -12,7 +12,8 @@ others are the queries. For each evaluated organ and each query scan:
    (index ``L // 2`` of a chunk of ``L`` slices, the upper middle for even ``L``); with ``shots = K``
    the slices at indices ``floor((j + 0.5) * L / K)``, ``j = 0..K-1`` (the centres of ``K`` equal
    parts of the chunk; for odd ``K`` the middle one is the ``shots = 1`` slice). Duplicates are
-   dropped, so a chunk shorter than ``K`` gives all its slices. See :func:`chunk_support_slices`.
+   dropped, so a chunk shorter than ``K`` gives all its slices. See
+   :func:`sdfsmis.data.chunks.chunk_support_slices` (``predict`` pairs slices by the same rule).
 4. The predictor is called once per chunk (all query slices of the chunk as one batch) and its
    probabilities are thresholded at 0.5 (``prob >= 0.5``, MONAI ``AsDiscrete`` convention).
 5. Metrics are 3-D over the evaluated slices: Dice from TP/FP/FN summed over them; HD95 and ASSD in
@@ -27,7 +28,6 @@ the same contiguous thirds up to rounding at the chunk borders.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -37,9 +37,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..data.chunks import chunk_support_slices
 from ..data.folds import N_FOLDS, choose_support, split
 from ..errors import InputError
 from .metrics import MetricAccumulator, all_metrics
+from .tables import markdown_tables
 
 PROB_THRESHOLD = 0.5
 
@@ -58,43 +60,6 @@ class Predictor(Protocol):
         scans at their own in-plane sizes: ``(Hs, Ws)`` and ``(Hq, Wq)`` may differ, and the
         output has the query's size."""
         ...
-
-
-def chunk_support_slices(
-    support_slices: Sequence[int], query_slices: Sequence[int], n_chunks: int = 3, shots: int = 1
-) -> list[tuple[list[int], list[int]]]:
-    """Pair query chunks with the support slices that segment them.
-
-    Returns one ``(query chunk slices, support slices)`` pair per non-empty query chunk, in order.
-    Both inputs are sorted first. Query and support lists are split with ``np.array_split`` into
-    ``n_chunks`` parts; support chunk ``i`` gives ``shots`` slices at indices
-    ``floor((j + 0.5) * L / shots)`` (``shots = 1``: its middle slice ``L // 2``), duplicates
-    dropped. If the support has fewer organ slices than ``n_chunks``, chunk ``i`` uses the support
-    slice at index ``floor((i + 0.5) * S / n_chunks)`` of the ``S`` support slices.
-
-    Example: support 10..19, query 3..9, 3 chunks, 1 shot ->
-    ``[([3, 4, 5], [12]), ([6, 7], [15]), ([8, 9], [18])]``.
-    """
-    if n_chunks < 1 or shots < 1:
-        raise ValueError(f"n_chunks and shots must be >= 1, got {n_chunks}, {shots}")
-    sup = sorted(int(s) for s in support_slices)
-    qry = sorted(int(q) for q in query_slices)
-    if not sup:
-        raise ValueError("the support has no slices of this organ")
-    n_sup = len(sup)
-    if n_sup >= n_chunks:
-        sup_chunks = [list(c) for c in np.array_split(np.asarray(sup), n_chunks)]
-    else:
-        sup_chunks = [[sup[math.floor((i + 0.5) * n_sup / n_chunks)]] for i in range(n_chunks)]
-    plan = []
-    for i, q_chunk in enumerate(np.array_split(np.asarray(qry, dtype=int), n_chunks)):
-        if len(q_chunk) == 0:
-            continue
-        chunk = sup_chunks[i]
-        length = len(chunk)
-        picks = sorted({math.floor((j + 0.5) * length / shots) for j in range(shots)})
-        plan.append(([int(q) for q in q_chunk], [int(chunk[p]) for p in picks]))
-    return plan
 
 
 def organ_slices(label: np.ndarray, label_id: int) -> list[int]:
@@ -136,8 +101,6 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)  # e.g. a model that marks (almost) nothing
 
     def __str__(self) -> str:
-        from .report import markdown_tables
-
         where = f"\nreports: {Path(next(iter(self.outputs.values()))).parent}" if self.outputs else ""
         return (f"{self.dataset} / {self.method}: {len(self.cases)} cases, folds {self.config['folds']}\n"
                 + markdown_tables([(self.method, self.setting, self.summary())], self.config["organs"]) + where)

@@ -18,61 +18,19 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..errors import InputError
 from .protocol import EvalResult, Predictor, evaluate
+from .tables import markdown_tables
 
-DISPLAY_NAMES = {
-    "spleen": "Spleen", "liver": "Liver", "left_kidney": "LK", "right_kidney": "RK",
-    "lv_bp": "LV-BP", "lv_myo": "LV-MYO", "rv": "RV",
-}
 CSV_FIELDS = (
     "fold", "organ", "query_id", "support_id", "dice", "hd95", "assd", "tp", "fp", "fn",
     "n_slices", "seconds", "slices_per_s", "query_slices", "support_slices",
 )
-
-
-def organ_display_name(organ: str) -> str:
-    """Column name of an organ (paper style: Spleen, Liver, LK, RK; LV-BP, LV-MYO, RV)."""
-    return DISPLAY_NAMES.get(organ, organ.replace("_", " ").title())
-
-
-def _fmt(value: float | None, scale: float = 1.0) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value * scale:.2f}"
-
-
-def markdown_tables(entries: Sequence[tuple[str, str, dict[str, Any]]], organs: Sequence[str]) -> str:
-    """Markdown tables for one or more evaluation summaries.
-
-    ``entries``: ``(method label, setting label or "", summary)`` with ``summary`` from
-    :meth:`EvalResult.summary`; ``organs``: the column order (``spec.eval_organs``).
-    """
-    cols = [organ_display_name(o) for o in organs]
-    tables = [
-        ("Dice (%) ↑", "dice", 100.0),
-        ("HD95 (mm) ↓", "hd95", 1.0),
-        ("ASSD (mm) ↓", "assd", 1.0),
-        ("Throughput (slices/s) ↑", "slices_per_s", 1.0),
-    ]
-    out = []
-    for title, key, scale in tables:
-        out.append(f"### {title}\n")
-        out.append("| Method | Setting | " + " | ".join(cols) + " | Mean |")
-        out.append("|---|---|" + "---:|" * (len(cols) + 1))
-        for label, setting, summ in entries:
-            per = summ.get("organs", {})
-            cells = [_fmt(per.get(o, {}).get(key), scale) for o in organs]
-            cells.append(_fmt(summ.get("mean", {}).get(key), scale))
-            out.append(f"| {label} | {setting} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out)
 
 
 def _json_clean(obj: Any) -> Any:
@@ -100,29 +58,6 @@ def _cases_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_all(out_dir: Path, files: dict[str, str]) -> dict[str, Path]:
-    """Write every file to a temporary name in ``out_dir``, then rename them all."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    temps: list[tuple[str, Path]] = []
-    try:
-        for name, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-            temps.append((name, Path(tmp)))
-        paths = {}
-        for name, tmp in temps:
-            os.replace(tmp, out_dir / name)
-            paths[name] = out_dir / name
-        return paths
-    finally:
-        for _, tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
 def write_reports(result: EvalResult, out_dir: str | Path, *, setting: str = "") -> dict[str, Path]:
     """Write ``cases.csv``, ``cases.json``, ``summary.json`` and ``table.md``; returns their paths."""
     out_dir = Path(out_dir)
@@ -143,7 +78,7 @@ def write_reports(result: EvalResult, out_dir: str | Path, *, setting: str = "")
         "summary.json": json.dumps(_json_clean(summary), indent=1) + "\n",
         "table.md": table,
     }
-    return _write_all(out_dir, files)
+    return atomic.write_files(out_dir, files)
 
 
 def combine_summaries(summary_files: Sequence[str | Path]) -> str:

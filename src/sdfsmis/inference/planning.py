@@ -43,10 +43,10 @@ def plan_organ(label: int, organ_z: Sequence[int], support_body: tuple[int, int]
 
     The organ's support slices ``organ_z`` span a fraction of the support's body z-range; the same
     fraction of the query's body z-range is the core range, split into chunks and paired with support
-    slices by the evaluation protocol's rule (``sdfsmis.evaluation.protocol.chunk_support_slices``);
+    slices by the evaluation protocol's rule (``sdfsmis.data.chunks.chunk_support_slices``);
     the ``z_margin`` slices below / above the core range join the first / last chunk.
     """
-    from ..evaluation.protocol import chunk_support_slices
+    from ..data.chunks import chunk_support_slices
 
     organ_z = sorted(int(z) for z in organ_z)
     b0, b1 = support_body

@@ -25,8 +25,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from sdfsmis import atomic
 from sdfsmis.errors import InputError
 from sdfsmis.models.image_encoders import (
+    Dinov2Encoder,
     ImageEncoder,
     VAEFeatureEncoder,
     load_dinov2,
@@ -41,6 +43,7 @@ from sdfsmis.models.vae import (
     tiny_autoencoder_kl_model,
     tiny_autoencoder_tiny,
 )
+from sdfsmis.models.weights import diffusers_from_pretrained
 
 Tier = Literal["sd", "compact", "tiny"]
 TIERS: tuple[str, ...] = ("sd", "compact", "tiny")
@@ -166,67 +169,6 @@ def _resolve_tier(cfg: BackboneConfig) -> str:
     return cfg.tier
 
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
-
-
-def is_local_path(path_or_id: str | Path) -> bool:
-    """True where ``path_or_id`` is meant as a local path (it exists, is absolute or starts with
-    ``.``/``~``), so a missing one fails at once instead of being looked up as a hub id."""
-    text = str(path_or_id)
-    return Path(text).exists() or text.startswith((".", "~", "/")) or Path(text).suffix in SINGLE_FILE_SUFFIXES
-
-
-def check_local(path_or_id: str | Path, what: str) -> None:
-    """InputError naming ``path_or_id`` where it is meant as a local path that does not exist."""
-    if is_local_path(path_or_id) and not Path(str(path_or_id)).expanduser().exists():
-        raise InputError(path_or_id, f"{what} does not exist")
-
-
-def _variant(folder: Path) -> str | None:
-    """``"fp16"`` where a diffusers model folder holds only fp16 variant weights, else ``None``."""
-    if not folder.is_dir():
-        return None
-    names = [p.name for p in folder.iterdir()]
-    plain = any(n.startswith("diffusion_pytorch_model.") and n.count(".") == 1 for n in names)
-    fp16 = any(n.startswith("diffusion_pytorch_model.fp16.") for n in names)
-    return "fp16" if fp16 and not plain else None
-
-
-def diffusers_from_pretrained(cls: Any, path_or_id: str | Path, subfolder: str | None, what: str,
-                              weights: bool = True) -> Any:
-    """``cls.from_pretrained(path_or_id, subfolder)`` in float32 with diffusers' own loaders:
-
-    - a folder holding only fp16 variant files (``diffusion_pytorch_model.fp16.safetensors``) loads
-      with ``variant="fp16"``;
-    - a single-file checkpoint (``v1-5-pruned-emaonly.safetensors``) goes through
-      ``cls.from_single_file``;
-    - ``weights=False`` builds the module from its ``config.json`` alone (random weights that the
-      caller replaces, e.g. the UNet of a saved model).
-    """
-    text = str(path_or_id)
-    local = Path(text).expanduser()
-    check_local(path_or_id, what)
-    try:
-        if local.is_file():
-            if local.suffix not in SINGLE_FILE_SUFFIXES:
-                raise InputError(local, f"expected a diffusers folder or a single-file checkpoint "
-                                        f"({', '.join(SINGLE_FILE_SUFFIXES)})")
-            model = cls.from_single_file(str(local))
-        elif not weights:
-            model = cls.from_config(cls.load_config(text, subfolder=subfolder))
-        else:
-            target = local / subfolder if subfolder else local
-            model = cls.from_pretrained(text, subfolder=subfolder, variant=_variant(target))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        hint = ""
-        if local.is_file():
-            hint = ("; diffusers could not convert this single file offline: convert it once to a "
-                    "diffusers folder (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
-                    "and use that folder")
-        raise InputError(path_or_id, f"cannot load the {what}: {exc}{hint}") from exc
-    return model.float()
-
-
 def _build_unet(cfg: BackboneConfig, tier: str, weights: bool = True) -> UNet2DConditionModel:
     if tier == "sd":
         if cfg.unet:
@@ -285,6 +227,26 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     unet.train()
     return Backbone(unet=unet, vae=vae, image_encoder=image_encoder, cross_attention_dim=int(cross),
                     latent_size=image_size // vae.downsample, tier=tier, config=cfg)
+
+
+def random_sd_backbone(device: str | torch.device = "cpu", seed: int = 0) -> Backbone:
+    """An ``sd``-tier backbone with the shapes of Stable Diffusion 1.5 and random weights: the
+    860 M-parameter UNet (256 px, latent 32), its AutoencoderKL and a DINOv2-small image encoder.
+    For speed and memory measurements without the weights (``benchmarks/speed.py``)."""
+    from diffusers import AutoencoderKL
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # the SD 1.5 layout
+        kl = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=256, scaling_factor=0.18215)
+        dino = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                        intermediate_size=1536, patch_size=14, image_size=518))
+    return Backbone(unet=unet, vae=FrozenVAE(kl), image_encoder=Dinov2Encoder(dino), cross_attention_dim=768,
+                    latent_size=32, tier="sd", config=BackboneConfig(tier="sd", path="random"))
 
 
 def widen_conv_in(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -375,9 +337,7 @@ def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Litera
         index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
                      scheduler=["diffusers", scheduler], safety_checker=[None, None],
                      feature_extractor=[None, None], requires_safety_checker=False)
-    tmp = out / "model_index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(out / "model_index.json")
+    atomic.write_json(out / "model_index.json", index)
     return out
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from sdfsmis.models.backbones import Backbone
 from sdfsmis.models.config import ModelConfig, apply_threshold
+from sdfsmis.models.io import load_pretrained, save_pretrained
 from sdfsmis.models.processors import BranchContext, pad_channels
 
 
@@ -41,15 +42,9 @@ class SupportCache:
     store: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     prototype: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> SupportCache:
-        return SupportCache(
-            shots=self.shots, cond=self.cond.to(device),
-            store={k: (a.to(device), b.to(device)) for k, (a, b) in self.store.items()},
-            prototype=None if self.prototype is None else self.prototype.to(device))
-
 
 @dataclass
-class Episode:
+class EncodedEpisode:
     """Encoded episodes. z_qi [B, 4, h, w] (None in ``prepare_support``); z_si, z_sm [B, K, 4, h, w];
     support_masks [B, K, 1, H', W'] (any resolution); support_features [B, K, d, hf, wf] or None."""
 
@@ -80,6 +75,8 @@ class LatentSegmenter(nn.Module):
     """
 
     new_prefixes: tuple[str, ...] = ()
+    #: Whether the prediction depends on the support (few-shot); SDSeg ignores it.
+    uses_support: bool = False
 
     def __init__(self, config: ModelConfig, backbone: Backbone):
         super().__init__()
@@ -131,6 +128,19 @@ class LatentSegmenter(nn.Module):
         """[N, 1, H, W] in {0, 1} -> [N, 4, H/8, W/8] (frozen VAE on the mask mapped to [-1, 1])."""
         return self.vae.encode_masks(masks.float()).float()
 
+    # -- speed -----------------------------------------------------------------------------------
+    def compile_modules(self, mode: str = "default") -> None:
+        """``torch.compile`` the UNet and the VAE's encoder and decoder in place (``mode`` as for
+        ``torch.compile``); the model's calls are unchanged."""
+        self.unet = torch.compile(self.unet, mode=mode, fullgraph=False)
+        self.vae.model.encoder = torch.compile(self.vae.model.encoder, mode=mode)
+        self.vae.model.decoder = torch.compile(self.vae.model.decoder, mode=mode)
+
+    def frozen_modules_to(self, dtype: torch.dtype) -> None:
+        """Cast the frozen VAE and image encoder to ``dtype`` (e.g. ``torch.bfloat16`` on a GPU)."""
+        self.vae.to(dtype=dtype)
+        self.image_encoder.to(dtype=dtype)
+
     # -- optimisation ----------------------------------------------------------------------------
     def parameter_groups(self, lr_backbone: float, lr_new: float) -> list[dict[str, Any]]:
         """AdamW groups: ``backbone`` (pretrained UNet / encoder weights, ``lr_backbone``) and ``new``
@@ -143,19 +153,15 @@ class LatentSegmenter(nn.Module):
         lrs = {"backbone": lr_backbone, "new": lr_new}
         return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
-    # -- persistence -----------------------------------------------------------------------------
+    # -- persistence (the work is done in sdfsmis.models.io, which never imports a method) ---------
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (see ``sdfsmis.models.io``); ``dtype``
         (``torch.float16``) stores the floating-point weights in that type."""
-        from sdfsmis.models.io import save_pretrained
-
         return save_pretrained(self, directory, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentSegmenter:
         """Load a directory written by ``save_pretrained``; checks the method matches ``cls``."""
-        from sdfsmis.models.io import load_pretrained
-
         model = load_pretrained(directory, device=device)
         if not isinstance(model, cls):
             raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
@@ -165,21 +171,24 @@ class LatentSegmenter(nn.Module):
 class FewShotSegmenter(LatentSegmenter):
     """One-step few-shot segmenter with an optional support branch in the same UNet.
 
-    Subclasses define ``has_support_branch``, ``uses_features`` and:
-    ``support_summary(episode) -> (prototype [B, C] | None, cond [B, T, D])``,
+    Subclasses define ``has_support_branch`` (SII / KV fusion: the support runs through the UNet
+    beside the query), ``uses_vtct`` (the condition comes from VTCT over frozen image-encoder
+    features of the support, which ``encode_support`` then computes) and:
+    ``support_condition(episode) -> (prototype [B, C] | None, cond [B, T, D])``,
     ``query_input(z_qi [B, 4, h, w], prototype) -> [B, Cq, h, w]`` and
     ``support_input(z_si [N, 4, h, w], z_sm [N, 4, h, w]) -> [N, Cs, h, w]``.
     """
 
+    uses_support = True
     has_support_branch: bool = True
-    uses_features: bool = False
+    uses_vtct: bool = False
 
     def __init__(self, config: ModelConfig, backbone: Backbone):
         super().__init__(config, backbone)
         self.ctx = BranchContext()
 
     # -- hooks for subclasses --------------------------------------------------------------------
-    def support_summary(self, ep: Episode) -> tuple[Tensor | None, Tensor]:  # pragma: no cover
+    def support_condition(self, ep: EncodedEpisode) -> tuple[Tensor | None, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def query_input(self, z_qi: Tensor, prototype: Tensor | None) -> Tensor:  # pragma: no cover
@@ -189,15 +198,15 @@ class FewShotSegmenter(LatentSegmenter):
         return torch.cat([z_si, z_sm], dim=1)
 
     # -- encoding --------------------------------------------------------------------------------
-    def encode_support(self, support_images: Tensor, support_masks: Tensor) -> Episode:
-        """[B, K, 1, H, W] images and masks -> Episode without a query."""
+    def encode_support(self, support_images: Tensor, support_masks: Tensor) -> EncodedEpisode:
+        """[B, K, 1, H, W] images and masks -> EncodedEpisode without a query."""
         support_images = _as_support(support_images, "support_images")
         support_masks = _as_support(support_masks, "support_masks")
         b, k = support_images.shape[:2]
         z_si, feats = self.encode_images_and_features(support_images.flatten(0, 1))
         z_sm = self.encode_masks(support_masks.flatten(0, 1)).unflatten(0, (b, k))
         feats = None if feats is None else feats.unflatten(0, (b, k))
-        return Episode(None, z_si.unflatten(0, (b, k)), z_sm, support_masks.float(), feats)
+        return EncodedEpisode(None, z_si.unflatten(0, (b, k)), z_sm, support_masks.float(), feats)
 
     @torch.no_grad()
     def encode_images_and_features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -205,7 +214,7 @@ class FewShotSegmenter(LatentSegmenter):
         None for a method without features). Where the image encoder is the TAESD encoder's own trunk
         (the compact tier), the trunk runs once: the latents are its last layer on the features."""
         images = images.float()
-        if not self.uses_features:
+        if not self.uses_vtct:
             return self.encode_images(images), None
         feats = self.image_encoder.features(images).float()
         head = self._latent_head
@@ -226,8 +235,8 @@ class FewShotSegmenter(LatentSegmenter):
             return None
         return layers[-1]
 
-    def encode_episode(self, query_images: Tensor, support_images: Tensor, support_masks: Tensor) -> Episode:
-        """Query [B, 1, H, W], supports [B, K, 1, H, W] -> Episode (frozen encoders, no gradients)."""
+    def encode_episode(self, query_images: Tensor, support_images: Tensor, support_masks: Tensor) -> EncodedEpisode:
+        """Query [B, 1, H, W], supports [B, K, 1, H, W] -> EncodedEpisode (frozen encoders, no gradients)."""
         if query_images.ndim != 4 or query_images.shape[1] != 1:
             raise ValueError(f"query_images must be [B, 1, H, W], got {tuple(query_images.shape)}")
         ep = self.encode_support(support_images, support_masks)
@@ -236,8 +245,8 @@ class FewShotSegmenter(LatentSegmenter):
         ep.z_qi = self.encode_images(query_images)
         return ep
 
-    def episode_from_batch(self, batch: dict[str, Tensor]) -> Episode:
-        """A training batch -> Episode. Either images (``query_images``, ``support_images``,
+    def episode_from_batch(self, batch: dict[str, Tensor]) -> EncodedEpisode:
+        """A training batch -> EncodedEpisode. Either images (``query_images``, ``support_images``,
         ``support_masks``) or cached latents: ``query_latents`` [B, 4, h, w], ``support_latents`` and
         ``support_mask_latents`` [B, K, 4, h, w], ``support_masks`` [B, K, 1, H', W'] (any size) and,
         when the method uses image features, ``support_features`` [B, K, d, hf, wf] (else computed
@@ -247,18 +256,18 @@ class FewShotSegmenter(LatentSegmenter):
         masks = _as_support(batch["support_masks"], "support_masks").float()
         feats = batch.get("support_features")
         feats = None if feats is None else feats.float()
-        if self.uses_features and feats is None:
+        if self.uses_vtct and feats is None:
             imgs = _as_support(batch["support_images"], "support_images")
             feats = self.image_encoder.features(imgs.flatten(0, 1).float()).float().unflatten(0, imgs.shape[:2])
-        return Episode(batch["query_latents"].float(), batch["support_latents"].float(),
+        return EncodedEpisode(batch["query_latents"].float(), batch["support_latents"].float(),
                        batch["support_mask_latents"].float(), masks, feats)
 
     # -- joint path ------------------------------------------------------------------------------
-    def predict_latents(self, ep: Episode) -> Tensor:
-        """Episode -> predicted query-mask latents [B, 4, h, w] (one UNet call, joint batch)."""
+    def predict_latents(self, ep: EncodedEpisode) -> Tensor:
+        """EncodedEpisode -> predicted query-mask latents [B, 4, h, w] (one UNet call, joint batch)."""
         assert ep.z_qi is not None
         b, k = ep.z_si.shape[:2]
-        prototype, cond = self.support_summary(ep)
+        prototype, cond = self.support_condition(ep)
         zq = self.query_input(ep.z_qi, prototype)
         t = self._timestep()
         if not self.has_support_branch:
@@ -294,7 +303,7 @@ class FewShotSegmenter(LatentSegmenter):
             raise ValueError(f"prepare_support expects [K, 1, H, W] images and masks, got "
                              f"{tuple(support_images.shape)} and {tuple(support_masks.shape)}")
         ep = self.encode_support(support_images[None], support_masks[None])
-        prototype, cond = self.support_summary(ep)
+        prototype, cond = self.support_condition(ep)
         store: dict[str, tuple[Tensor, Tensor]] = {}
         if self.has_support_branch:
             k = ep.shots

@@ -21,13 +21,15 @@ import copy
 from torch import Tensor
 
 from sdfsmis.models.backbones import Backbone, build_backbone, widen_conv_in
-from sdfsmis.models.base import Episode, FewShotSegmenter, SupportCache
+from sdfsmis.models.base import EncodedEpisode, FewShotSegmenter, SupportCache
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.processors import DualConvIn, install_kv_fusion
+from sdfsmis.models.registry import register
 
 __all__ = ["DiffewS", "SupportCache"]
 
 
+@register("diffews")
 class DiffewS(FewShotSegmenter):
     """DiffewS. Same public API as ``SDFSMIS``."""
 
@@ -42,7 +44,7 @@ class DiffewS(FewShotSegmenter):
                                        self.ctx)
         self.kv_processors = install_kv_fusion(self.unet, self.ctx)
 
-    def support_summary(self, ep: Episode) -> tuple[Tensor | None, Tensor]:
+    def support_condition(self, ep: EncodedEpisode) -> tuple[Tensor | None, Tensor]:
         """No prototype; the null condition [B, 1, D]."""
         return None, self.null_condition(ep.z_si.shape[0])
 

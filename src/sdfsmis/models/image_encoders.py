@@ -133,7 +133,7 @@ def load_dinov2(path_or_id: str | Path, image_size: int | None = None) -> Dinov2
     """A DINOv2 encoder from a transformers folder or hub id (``AutoModel.from_pretrained``)."""
     from transformers import AutoModel
 
-    from sdfsmis.models.backbones import check_local
+    from sdfsmis.models.weights import check_local
 
     check_local(path_or_id, "image encoder folder")
     local = Path(path_or_id).expanduser()

@@ -1,6 +1,9 @@
-"""Building, saving and loading models.
+"""Saving and loading models (building one is ``sdfsmis.models.registry.build_model``, exported as
+``sdfsmis.models.build``; this module reaches the method classes only through that registry).
 
-``build_model(ModelConfig) -> model`` is the one call to get a model (``sdfsmis.models.build``).
+Every tool finds and loads a model folder here: :func:`model_dir` (``bundled``, a model folder, a
+training run or a checkpoint), :func:`load_model` (with the ``--threshold`` override of
+:func:`parse_threshold` and the few-shot check ``predict`` needs).
 
 A saved model is a directory with
 
@@ -22,7 +25,7 @@ Both files are written to temporary names and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,32 +33,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdfsmis import __version__
+from sdfsmis import __version__, atomic
 from sdfsmis.errors import InputError
-from sdfsmis.models.backbones import Backbone, build_backbone
+from sdfsmis.models.backbones import build_backbone
 from sdfsmis.models.config import ModelConfig
+from sdfsmis.models.registry import build_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 EXTERNAL_PREFIXES = ("vae.", "image_encoder.")
-
-
-def build_model(cfg: ModelConfig, backbone: Backbone | None = None) -> nn.Module:
-    """The model of ``cfg.method`` (``SDFSMIS``, ``DiffewS`` or ``SDSeg``) on ``cfg.backbone``
-    (or on an already built ``backbone``)."""
-    if cfg.method == "sdfsmis":
-        from sdfsmis.models.sdfsmis import SDFSMIS
-
-        return SDFSMIS(cfg, backbone)
-    if cfg.method == "diffews":
-        from sdfsmis.models.diffews import DiffewS
-
-        return DiffewS(cfg, backbone)
-    if cfg.method == "sdseg":
-        from sdfsmis.models.sdseg import SDSeg
-
-        return SDSeg(cfg, backbone)
-    raise InputError(None, f"unknown method {cfg.method!r}")
+#: The model shipped in the package, named ``bundled`` wherever a model folder is asked for.
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "model"
 
 
 def _absolute(value: str | None) -> str | None:
@@ -74,19 +62,11 @@ def portable_config(cfg: ModelConfig) -> dict:
     return data
 
 
-def _saved_keys_filter(model: nn.Module):
+def saved_key_filter(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a ``state_dict`` key of ``model`` is saved in ``model.safetensors``: all but the frozen
+    external modules (``vae.*``, ``image_encoder.*``), which the ``tiny`` tier saves too."""
     external = () if model.config.backbone.tier == "tiny" else EXTERNAL_PREFIXES
     return lambda key: not key.startswith(external)
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -96,13 +76,13 @@ def save_pretrained(model: nn.Module, directory: str | Path, dtype: torch.dtype 
     for shipping; ``load_pretrained`` casts them back to the model's float32."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    keep = _saved_keys_filter(model)
+    keep = saved_key_filter(model)
     state = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items() if keep(k)}
     meta = {"format": "pt", "sdfsmis_version": __version__, "method": model.config.method}
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
-    text = json.dumps(portable_config(model.config), indent=2) + "\n"
-    _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(text))
+    with atomic.replacing(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    atomic.write_json(out / CONFIG_NAME, portable_config(model.config))
     return out
 
 
@@ -160,7 +140,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *
     except (SafetensorError, OSError) as exc:
         raise InputError(weights, f"cannot read weights ({exc})") from exc
     model = _build_for_loading(cfg, directory / CONFIG_NAME)
-    keep = _saved_keys_filter(model)
+    keep = saved_key_filter(model)
     expected = {k for k in model.state_dict() if keep(k)}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -171,3 +151,64 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *
     except RuntimeError as exc:
         raise InputError(weights, f"weights do not match the config: {exc}") from exc
     return model.to(device).eval()
+
+
+def model_dir(name: str | Path | None, option: str = "--checkpoint", also: Sequence[str] = ()) -> Path:
+    """The saved-model folder that ``name`` stands for: ``None`` or ``"bundled"`` (the packaged
+    model), a folder written by ``save_pretrained``, or a training run or checkpoint folder (its
+    ``model/``). InputError naming the folder (and ``option``, the setting that named it, and the
+    other values ``also`` it accepts) otherwise."""
+    if name is None or str(name) == "bundled":
+        path = BUNDLED_MODEL_DIR
+        if not (path / CONFIG_NAME).is_file():
+            raise InputError(path, f"no trained default model is bundled yet; pass {option} DIR")
+        return path
+    path = Path(name).expanduser()
+    choices = ", ".join([*(repr(a) for a in also), "'bundled'"])
+    hint = f"use {choices}, a model folder, a training run or a checkpoint"
+    if not path.is_dir():
+        raise InputError(path, f"{option}: model folder does not exist; {hint}")
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            return candidate
+    raise InputError(path, f"{option}: not a trained model directory (no {CONFIG_NAME} with {WEIGHTS_NAME}, "
+                           f"here or in model/); {hint}")
+
+
+def parse_threshold(text: str) -> tuple[str, float]:
+    """``RULE:VALUE`` (``absolute:-0.5``, ``relative:0.25``) -> (rule, value); InputError if malformed."""
+    rule, _, value = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if rule not in ("absolute", "relative") or number is None:
+        raise InputError(None, f"--threshold {text!r}: expected absolute:V (V in [-1, 1]) or relative:F")
+    return rule, number
+
+
+def load_model(name: str | Path | None, device: str | torch.device = "cpu", *,
+               backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None,
+               threshold: tuple[str, float] | None = None, few_shot: bool = False,
+               option: str = "--checkpoint", also: Sequence[str] = ()) -> nn.Module:
+    """The one way the tools load a model: :func:`model_dir` + :func:`load_pretrained`, in eval mode.
+
+    ``threshold`` (rule, value; :func:`parse_threshold`) replaces the saved threshold rule.
+    ``few_shot=True`` refuses a model that does not segment by its support (SDSeg ignores the
+    support; ``predict`` needs one that uses it). Every failure is an InputError naming the folder.
+    """
+    path = model_dir(name, option, also)
+    try:
+        model = load_pretrained(path, device=device, backbone_path=backbone_path,
+                                image_encoder_path=image_encoder_path)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise InputError(path, f"cannot load the model ({type(err).__name__}: {err})") from None
+    if few_shot and not getattr(model, "uses_support", False):
+        raise InputError(path, f"{type(model).__name__} does not segment by the support (not a few-shot "
+                               "model); use an SD-FSMIS or DiffewS model")
+    if threshold is not None:
+        rule, value = threshold
+        model.config.threshold, model.config.threshold_value = rule, float(value)
+    return model.eval()

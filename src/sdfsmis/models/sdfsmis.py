@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdfsmis.models.backbones import Backbone, build_backbone, widen_conv_in
-from sdfsmis.models.base import Episode, FewShotSegmenter, SupportCache
+from sdfsmis.models.base import EncodedEpisode, FewShotSegmenter, SupportCache
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.image_encoders import masked_average
 from sdfsmis.models.processors import DualConvIn, install_sii, make_sii_layers
+from sdfsmis.models.registry import register
 
 __all__ = ["SDFSMIS", "VTCT", "SupportCache", "query_enhancement", "support_prototype"]
 
@@ -77,6 +78,7 @@ class VTCT(nn.Module):
         return self.mlp(prototype).unsqueeze(1)
 
 
+@register("sdfsmis")
 class SDFSMIS(FewShotSegmenter):
     """SD-FSMIS. ``forward(query [B,1,H,W], support_images [B,K,1,H,W], support_masks [B,K,1,H,W])
     -> probability [B,1,H,W]``; fast path ``prepare_support`` / ``predict_with_support``."""
@@ -88,7 +90,7 @@ class SDFSMIS(FewShotSegmenter):
             raise ValueError(f"SDFSMIS needs method='sdfsmis', got {config.method!r}")
         super().__init__(config, backbone if backbone is not None else build_backbone(config.backbone))
         self.has_support_branch = config.sii
-        self.uses_features = config.vtct
+        self.uses_vtct = config.vtct
         c = self.latent_channels
         pretrained = self.unet.conv_in
         query_conv = widen_conv_in(pretrained, 2 * c) if config.qe else copy.deepcopy(pretrained)
@@ -114,7 +116,7 @@ class SDFSMIS(FewShotSegmenter):
         self.qe_calls.zero_()
         self.qe_fallbacks.zero_()
 
-    def support_summary(self, ep: Episode) -> tuple[Tensor | None, Tensor]:
+    def support_condition(self, ep: EncodedEpisode) -> tuple[Tensor | None, Tensor]:
         """(P_s [B, 4] or None without QE, condition E [B, 1, D])."""
         b = ep.z_si.shape[0]
         prototype = support_prototype(ep.z_si, ep.support_masks) if self.config.qe else None

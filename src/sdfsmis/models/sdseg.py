@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from sdfsmis.models.backbones import Backbone, build_backbone
 from sdfsmis.models.base import LatentSegmenter, SupportCache
 from sdfsmis.models.config import ModelConfig
+from sdfsmis.models.registry import register
 from sdfsmis.models.vae import FrozenVAE
 
 __all__ = ["ConditionEncoder", "SDSeg"]
@@ -91,6 +92,7 @@ def _widen_zero(conv: nn.Conv2d, extra: int) -> nn.Conv2d:
     return new
 
 
+@register("sdseg")
 class SDSeg(LatentSegmenter):
     """SDSeg. ``forward(query_images [B,1,H,W], ..., generator=None) -> probability [B,1,H,W]``."""
 

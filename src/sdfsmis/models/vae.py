@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from sdfsmis.errors import InputError
+from sdfsmis.models.weights import diffusers_from_pretrained
 
 VAEKind = Literal["taesd", "kl"]
 
@@ -188,8 +189,6 @@ def load_autoencoder_kl(path_or_id: str | Path, subfolder: str | None = "vae") -
     When ``path_or_id`` is a local folder without ``subfolder`` but with its own ``config.json``,
     the folder itself is used.
     """
-    from sdfsmis.models.backbones import diffusers_from_pretrained
-
     local = Path(path_or_id).expanduser()
     if local.is_dir():
         if subfolder and not (local / subfolder).is_dir() and (local / "config.json").is_file():

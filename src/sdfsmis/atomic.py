@@ -1,0 +1,121 @@
+"""Atomic writes: a file or folder is written under a temporary name beside its target and renamed
+into place when complete, so a reader (or a rerun after a crash) sees the old version or the new
+one, never a part.
+
+- :func:`replacing` (context manager): the temporary path of one file, for any writer that takes a
+  path (safetensors, ``np.savez`` on an open file, ``torch.save``, matplotlib with ``format=``);
+- :func:`write_stream`: ``write(fileobj)`` into the temporary file, opened for binary writing;
+- :func:`write_text`, :func:`write_json`: the common cases;
+- :func:`write_files`: several text files of one folder, renamed only after all were written;
+- :func:`write_dir`: a whole folder, filled in a temporary sibling, replacing an older one.
+
+Temporary names start with ``.`` and end with ``.tmp`` (files) or start with ``.tmp-`` (folders);
+they are removed when writing fails. Files get the usual mode (``0o666`` less the umask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+@functools.cache
+def _file_mode() -> int:
+    umask = os.umask(0o022)  # read once: os.umask can only be read by setting it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temporary(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, _file_mode())  # mkstemp creates 0600
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """``with replacing(path) as tmp: write(tmp)``: ``tmp`` is renamed to ``path`` when the block
+    ends without an error, and removed otherwise. The parent folder must exist."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_stream(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(fileobj)`` into a temporary file opened ``"wb"``, renamed to ``path`` when complete."""
+    with replacing(path) as tmp, tmp.open("wb") as fh:
+        write(fh)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """``obj`` as JSON (with a final newline) to ``path`` atomically; returns ``path``."""
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_files(folder: str | Path, files: Mapping[str, str]) -> dict[str, Path]:
+    """Write every ``name: text`` of ``files`` into ``folder`` (created) under a temporary name, then
+    rename them all: a failure while writing leaves every target as it was. Returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for name, text in files.items():
+            tmp = _temporary(folder / name)
+            temps.append((tmp, folder / name))
+            tmp.write_text(text, encoding="utf-8")
+        for tmp, final in temps:
+            os.replace(tmp, final)
+        return {name: folder / name for name in files}
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Move the finished folder ``tmp`` to ``final`` (replacing an older one) with renames only."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder ``.tmp-NAME-PID`` with ``write(tmp)`` and rename it to
+    ``final`` (replacing an older folder); on any error the temporary folder is removed and
+    ``final`` is left as it was. Returns ``final``."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        return replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
