@@ -4,9 +4,12 @@ A backbone is a (trainable) diffusers ``UNet2DConditionModel``, a frozen VAE (``
 frozen image encoder for VTCT (``ImageEncoder``):
 
 - ``sd``: Stable Diffusion 1.x/2.x from a diffusers folder or hub id (``unet/`` and ``vae/``
-  subfolders, ``from_pretrained``) + DINOv2 from ``image_encoder`` (a transformers folder or hub id).
+  subfolders, ``from_pretrained``) + the paper's VTCT encoder, DINOv2-small (``facebook/dinov2-small``,
+  a hub id that resolves from the Hugging Face cache; or a transformers folder given as
+  ``image_encoder``).
 - ``compact``: the packaged TAESD + a small SD-layout UNet built from ``COMPACT_UNET`` (trained from
-  scratch by the project) + TAESD-encoder features (or DINOv2 when ``image_encoder`` is given).
+  scratch by the project) + TAESD-encoder features, the compact tier's own choice: a 128-256 px CPU
+  model with no second network to load (or DINOv2 when ``image_encoder`` is given).
 - ``tiny``: random tiny UNet, tiny random AutoencoderKL (or AutoencoderTiny) and a tiny random DINOv2;
   seconds on a CPU, for tests.
 
@@ -79,7 +82,10 @@ TINY_UNET: dict[str, Any] = dict(
 )
 
 DEFAULT_IMAGE_SIZE = {"sd": 256, "compact": 256, "tiny": 32}
-DEFAULT_IMAGE_ENCODER = {"sd": "vae", "compact": "vae", "tiny": "tiny-dinov2"}
+#: DINOv2-small, the image encoder of the SD-FSMIS paper's VTCT (384-d patch features).
+DINOV2_SMALL = "facebook/dinov2-small"
+#: The VTCT image encoder of each tier when ``BackboneConfig.image_encoder`` is ``None``.
+DEFAULT_IMAGE_ENCODER = {"sd": DINOV2_SMALL, "compact": "vae", "tiny": "tiny-dinov2"}
 
 
 @dataclass
@@ -90,8 +96,9 @@ class BackboneConfig:
     path: ``sd``: diffusers folder or hub id (required); ``compact``: a TAESD folder (default: the
         packaged weights); ``tiny``: unused.
     image_encoder: a DINOv2 transformers folder or hub id, ``"vae"`` (the frozen VAE encoder's
-        features) or ``"tiny-dinov2"``; ``None`` picks the tier's default (``sd`` and ``compact``:
-        ``"vae"``, ``tiny``: ``"tiny-dinov2"``).
+        features) or ``"tiny-dinov2"``; ``None`` picks the tier's default (``sd``: DINOv2-small as in
+        the paper, ``compact``: ``"vae"``, ``tiny``: ``"tiny-dinov2"``), which ``build_backbone``
+        writes into the config so that a saved model records the encoder it was trained with.
     image_encoder_size: input size for DINOv2 (default 224, or the config's size if smaller).
     unet: overrides of the ``compact`` / ``tiny`` UNet config (not allowed for ``sd``).
     image_size: working image size (default 256; ``tiny``: 32); the latent is ``image_size / 8``.
@@ -247,7 +254,7 @@ def _build_vae(cfg: BackboneConfig, tier: str) -> FrozenVAE:
 
 
 def _build_image_encoder(cfg: BackboneConfig, tier: str, vae: FrozenVAE) -> ImageEncoder:
-    choice = cfg.image_encoder or DEFAULT_IMAGE_ENCODER[tier]
+    choice = cfg.image_encoder
     if choice == "vae":
         return VAEFeatureEncoder(vae)
     if choice == "tiny-dinov2":
@@ -262,7 +269,8 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     """Build the UNet, the frozen VAE and the frozen image encoder of ``cfg.tier``.
 
     The UNet comes in train mode with float32 weights; the VAE and image encoder are frozen and in
-    eval mode. ``unet_weights=False`` reads only the ``sd`` UNet's ``config.json`` (a saved model
+    eval mode. ``cfg.image_encoder=None`` is replaced by the tier's default (``DEFAULT_IMAGE_ENCODER``).
+    ``unet_weights=False`` reads only the ``sd`` UNet's ``config.json`` (a saved model
     holds its own trained UNet, so only the frozen parts come from the SD folder). Raises
     ``InputError`` for an unknown tier, a missing or malformed checkpoint folder.
     """
@@ -270,6 +278,8 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     if tier == "sd" and not cfg.path:
         raise InputError(None, "the sd tier needs a diffusers folder, single-file checkpoint or hub id "
                                "(model.backbone.path=PATH_OR_ID)")
+    if cfg.image_encoder is None:
+        cfg.image_encoder = DEFAULT_IMAGE_ENCODER[tier]
     unet = _build_unet(cfg, tier, weights=unet_weights)
     vae = _build_vae(cfg, tier)
     image_encoder = _build_image_encoder(cfg, tier, vae)
