@@ -117,7 +117,7 @@ def test_missing_local_paths_fail_at_once_with_the_real_key(tmp_path):
         build_backbone(BackboneConfig(tier="sd"))
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="single file"):
+    with pytest.raises(InputError, match="cannot read the single-file checkpoint"):
         build_backbone(BackboneConfig(tier="sd", path=str(bad), image_size=32))
 
 

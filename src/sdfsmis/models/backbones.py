@@ -104,6 +104,9 @@ class BackboneConfig:
     image_size: working image size (default 256; ``tiny``: 32); the latent is ``image_size / 8``.
     tiny_vae: ``kl`` (tiny AutoencoderKL) or ``taesd`` (tiny AutoencoderTiny) for the tiny tier.
     seed: seeds the random initialisation of the ``compact`` / ``tiny`` modules.
+    single_file_config: where ``path`` is a single-file SD checkpoint, a diffusers folder of the same
+        architecture (its ``unet/`` and ``vae/`` ``config.json``); ``None``: the packaged SD-1.5 /
+        SD-2.1 configs, picked from the checkpoint's keys (``sdfsmis.models.single_file``).
     """
 
     tier: Tier = "compact"
@@ -114,6 +117,7 @@ class BackboneConfig:
     image_size: int | None = None
     tiny_vae: Literal["kl", "taesd"] = "kl"
     seed: int = 0
+    single_file_config: str | None = None
 
 
 @dataclass
@@ -200,13 +204,14 @@ def _variant(folder: Path) -> str | None:
 
 
 def diffusers_from_pretrained(cls: Any, path_or_id: str | Path, subfolder: str | None, what: str,
-                              weights: bool = True) -> Any:
+                              weights: bool = True, single_file_config: str | Path | None = None) -> Any:
     """``cls.from_pretrained(path_or_id, subfolder)`` in float32 with diffusers' own loaders:
 
     - a folder holding only fp16 variant files (``diffusion_pytorch_model.fp16.safetensors``) loads
       with ``variant="fp16"``;
     - a single-file checkpoint (``v1-5-pruned-emaonly.safetensors``) goes through
-      ``cls.from_single_file``;
+      ``cls.from_single_file`` with a local config (``single_file_config`` or a packaged SD-1.5 /
+      SD-2.1 one; ``sdfsmis.models.single_file``), so nothing is downloaded;
     - ``weights=False`` builds the module from its ``config.json`` alone (random weights that the
       caller replaces, e.g. the UNet of a saved model).
     """
@@ -218,19 +223,23 @@ def diffusers_from_pretrained(cls: Any, path_or_id: str | Path, subfolder: str |
             if local.suffix not in SINGLE_FILE_SUFFIXES:
                 raise InputError(local, f"expected a diffusers folder or a single-file checkpoint "
                                         f"({', '.join(SINGLE_FILE_SUFFIXES)})")
-            model = cls.from_single_file(str(local))
+            from sdfsmis.models.single_file import load_single_file
+
+            model = load_single_file(cls, local, subfolder, single_file_config, weights=weights)
         elif not weights:
             model = cls.from_config(cls.load_config(text, subfolder=subfolder))
         else:
             target = local / subfolder if subfolder else local
             model = cls.from_pretrained(text, subfolder=subfolder, variant=_variant(target))
+    except InputError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         hint = ""
         if local.is_file():
-            hint = ("; diffusers could not convert this single file offline: convert it once to a "
-                    "diffusers folder (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
-                    "and use that folder")
-        raise InputError(path_or_id, f"cannot load the {what}: {exc}{hint}") from exc
+            hint = ("; the single file does not match the architecture of its config (pass "
+                    "model.backbone.single_file_config=DIR, a diffusers folder of the same model)")
+        reason = " ".join(str(exc).split())
+        raise InputError(path_or_id, f"cannot load the {what}: {reason[:500]}{hint}") from exc
     return model.float()
 
 
@@ -241,13 +250,14 @@ def _build_unet(cfg: BackboneConfig, tier: str, weights: bool = True) -> UNet2DC
         local = Path(cfg.path).expanduser()
         if local.is_dir() and not (local / "unet" / "config.json").is_file():
             raise InputError(local / "unet", "no config.json: not a diffusers Stable Diffusion folder")
-        return diffusers_from_pretrained(UNet2DConditionModel, cfg.path, "unet", "UNet", weights=weights)
+        return diffusers_from_pretrained(UNet2DConditionModel, cfg.path, "unet", "UNet", weights=weights,
+                                         single_file_config=cfg.single_file_config)
     return random_unet(unet_config(tier, cfg.unet), seed=cfg.seed)
 
 
 def _build_vae(cfg: BackboneConfig, tier: str) -> FrozenVAE:
     if tier == "sd":
-        return load_autoencoder_kl(cfg.path, subfolder="vae")
+        return load_autoencoder_kl(cfg.path, subfolder="vae", single_file_config=cfg.single_file_config)
     if tier == "compact":
         return load_taesd(cfg.path)
     return tiny_autoencoder_kl(cfg.seed) if cfg.tiny_vae == "kl" else tiny_autoencoder_tiny(cfg.seed)
@@ -354,6 +364,12 @@ def _save_tiny_text_parts(out: Path, layout: str, seed: int) -> None:
         PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, **common).save_pretrained(str(out / "scheduler"))
 
 
+def tiny_sd_modules(seed: int = 0, layout: Literal["sd15", "sd21"] = "sd15") -> tuple[UNet2DConditionModel, Any]:
+    """The tiny random UNet and AutoencoderKL of ``save_tiny_sd_checkpoint`` (seeded)."""
+    unet = random_unet(unet_config("tiny", _SD21_UNET if layout == "sd21" else None), seed=seed)
+    return unet, tiny_autoencoder_kl_model(seed)
+
+
 def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Literal["sd15", "sd21"] = "sd15",
                             full: bool = False, variant: str | None = None) -> Path:
     """Write a tiny random Stable-Diffusion-format diffusers folder (``unet/``, ``vae/``,
@@ -367,8 +383,7 @@ def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Litera
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    unet = random_unet(unet_config("tiny", _SD21_UNET if layout == "sd21" else None), seed=seed)
-    vae = tiny_autoencoder_kl_model(seed)
+    unet, vae = tiny_sd_modules(seed, layout)
     if variant == "fp16":
         unet, vae = unet.half(), vae.half()
     unet.save_pretrained(out / "unet", safe_serialization=True, variant=variant)

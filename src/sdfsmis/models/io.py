@@ -71,6 +71,7 @@ def portable_config(cfg: ModelConfig) -> dict:
     data = cfg.to_dict()
     data["backbone"]["path"] = _absolute(data["backbone"]["path"])
     data["backbone"]["image_encoder"] = _absolute(data["backbone"]["image_encoder"])
+    data["backbone"]["single_file_config"] = _absolute(data["backbone"]["single_file_config"])
     return data
 
 
