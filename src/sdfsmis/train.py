@@ -424,7 +424,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
         torch.save(_rng_state(), tmp / "rng.pt")
         save_config(cfg, tmp / "config.json")
         state = {"step": step, "time": time.time()}
-        if foreground is not None:  # what the model marked on the last training batch
+        if foreground is not None:  # what the model marked on the fixed check batch
             state["foreground"] = dict(foreground)
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
 
@@ -485,9 +485,21 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
 EMPTY_FRACTION = 0.05
 
 
+#: ``step_seed`` role of the checkpoints' check batch (training batches use five indices, never this).
+CHECK_STREAM = 7
+
+
+def check_batch(sampler: Any, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The fixed batch the checkpoints' empty-model check runs on: ``cfg.batch_size`` episodes drawn
+    with a seed of their own, outside the training stream, the same at every checkpoint of the run
+    (and after a resume), so that the checks compare like with like."""
+    batch = sampler.sample(cfg.batch_size, _sampler_generator(sampler, step_seed(cfg.seed, CHECK_STREAM)))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def foreground_check(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float] | None:
-    """How much the model marks on a training batch, with its own threshold rule: predicted and
+    """How much the model marks on an episode batch, with its own threshold rule: predicted and
     true foreground pixels and the highest probability; ``None`` for models without the latent
     path (stand-ins). Eval mode, global RNG untouched."""
     needed = ("episode_from_batch", "predict_latents", "probabilities", "threshold")
@@ -513,7 +525,7 @@ def warn_if_empty(check: Mapping[str, float] | None, where: str) -> bool:
     """Log a warning where ``check`` says the model marks (almost) nothing; True if it did."""
     if not check or check["true_px"] <= 0 or check["predicted_px"] >= EMPTY_FRACTION * check["true_px"]:
         return False
-    log.warning("%s: the model marks almost nothing on its training episodes (%d px predicted for %d "
+    log.warning("%s: the model marks almost nothing on a fixed batch of training episodes (%d px predicted for %d "
                 "true, highest probability %.3f): it is not usable yet; train longer, raise the learning "
                 "rate, or start from a trained model (init_from=bundled)", where, check["predicted_px"],
                 check["true_px"], check["max_probability"])
@@ -847,7 +859,7 @@ def _train(cfg: TrainConfig, *, progress: bool, max_steps: int | None, validate:
                     sampler.save_cache()
                 unwrapped = accelerator.unwrap_model(loss_module).model
                 with _averaged(ema, trainable):
-                    check = foreground_check(unwrapped, batch)
+                    check = foreground_check(unwrapped, check_batch(sampler, cfg, accelerator.device))
                 warn_if_empty(check, f"checkpoint at step {step}")
                 save_checkpoint(out_dir, step, unwrapped, optimizer, scheduler, cfg, cfg.keep_checkpoints,
                                 ema, trainable, foreground=check)
