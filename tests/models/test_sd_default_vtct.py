@@ -55,16 +55,14 @@ def _pair(folder: Path) -> dict[str, Path]:
 
 
 def test_tier_defaults():
-    """``sd``: DINOv2-small (paper); ``compact``: its TAESD-trunk features; written into the config."""
-    cfg = BackboneConfig(tier="compact", image_size=64)
-    assert isinstance(build_backbone(cfg).image_encoder, VAEFeatureEncoder) and cfg.image_encoder == "vae"
+    """``compact``: its TAESD-trunk features (the ``sd`` default is the test below)."""
+    assert isinstance(build_backbone(BackboneConfig(tier="compact", image_size=64)).image_encoder, VAEFeatureEncoder)
 
 
 def test_sd_default_is_dinov2_small_build_save_load_predict(hub_cache, tmp_path):
     sd = save_tiny_sd_checkpoint(tmp_path / "sd15", seed=2, full=True)
     torch.manual_seed(0)
     model = build_model(ModelConfig(method="sdfsmis", backbone=BackboneConfig(tier="sd", path=str(sd), image_size=32)))
-    assert model.config.backbone.image_encoder == DINOV2_SMALL
     enc = model.image_encoder
     assert isinstance(enc, Dinov2Encoder) and enc.dim == 32  # the tiny config's hidden size
     reference = Dinov2Encoder(AutoModel.from_pretrained(str(hub_cache / "snapshots" / REVISION)))

@@ -97,8 +97,8 @@ class BackboneConfig:
         packaged weights); ``tiny``: unused.
     image_encoder: a DINOv2 transformers folder or hub id, ``"vae"`` (the frozen VAE encoder's
         features) or ``"tiny-dinov2"``; ``None`` picks the tier's default (``sd``: DINOv2-small as in
-        the paper, ``compact``: ``"vae"``, ``tiny``: ``"tiny-dinov2"``), which ``build_backbone``
-        writes into the config so that a saved model records the encoder it was trained with.
+        the paper, ``compact``: ``"vae"``, ``tiny``: ``"tiny-dinov2"``); a saved model's
+        ``config.json`` records the encoder it was built with (``models.io.portable_config``).
     image_encoder_size: input size for DINOv2 (default 224, or the config's size if smaller).
     unet: overrides of the ``compact`` / ``tiny`` UNet config (not allowed for ``sd``).
     image_size: working image size (default 256; ``tiny``: 32); the latent is ``image_size / 8``.
@@ -264,7 +264,7 @@ def _build_vae(cfg: BackboneConfig, tier: str) -> FrozenVAE:
 
 
 def _build_image_encoder(cfg: BackboneConfig, tier: str, vae: FrozenVAE) -> ImageEncoder:
-    choice = cfg.image_encoder
+    choice = cfg.image_encoder or DEFAULT_IMAGE_ENCODER[tier]
     if choice == "vae":
         return VAEFeatureEncoder(vae)
     if choice == "tiny-dinov2":
@@ -279,7 +279,7 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     """Build the UNet, the frozen VAE and the frozen image encoder of ``cfg.tier``.
 
     The UNet comes in train mode with float32 weights; the VAE and image encoder are frozen and in
-    eval mode. ``cfg.image_encoder=None`` is replaced by the tier's default (``DEFAULT_IMAGE_ENCODER``).
+    eval mode. ``cfg.image_encoder=None`` means the tier's default (``DEFAULT_IMAGE_ENCODER``).
     ``unet_weights=False`` reads only the ``sd`` UNet's ``config.json`` (a saved model
     holds its own trained UNet, so only the frozen parts come from the SD folder). Raises
     ``InputError`` for an unknown tier, a missing or malformed checkpoint folder.
@@ -288,8 +288,6 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     if tier == "sd" and not cfg.path:
         raise InputError(None, "the sd tier needs a diffusers folder, single-file checkpoint or hub id "
                                "(model.backbone.path=PATH_OR_ID)")
-    if cfg.image_encoder is None:
-        cfg.image_encoder = DEFAULT_IMAGE_ENCODER[tier]
     unet = _build_unet(cfg, tier, weights=unet_weights)
     vae = _build_vae(cfg, tier)
     image_encoder = _build_image_encoder(cfg, tier, vae)
