@@ -42,7 +42,7 @@ def test_run_experiments_trains_and_evaluates_a_plan(tmp_path):
     (data / "dataset.json").write_text(json.dumps(meta))
     (tmp_path / "recipe.json").write_text(json.dumps({"model": {"backbone": {"tier": "tiny"}}, "iterations": 2}))
     base = ["episodes.image_size=32", "episodes.min_mask_px=20", "log_every=1", "checkpoint_every=2"]
-    plan = {"config": "recipe.json", "base": base, "runs": [
+    plan = {"out": "unused", "config": "recipe.json", "base": base, "runs": [
         {"name": "a", "overrides": [f"data={json.dumps([str(data)])}"],
          "evaluate": {"prepared": str(data), "folds": [0], "args": ["--batch-size", "4"]}},
         {"name": "b", "overrides": [f"data={json.dumps([str(data)])}", "model.method=diffews"]}]}
