@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -61,7 +62,11 @@ def test_run_experiments_trains_and_evaluates_a_plan(tmp_path):
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert [(r["run"], r["method"], r["steps"], r["device"]) for r in speed] == \
         [("a", "sdfsmis", 2, "cpu"), ("b", "diffews", 2, "cpu")]
-    assert all(r["wall_s"] > r["median_step_s"] > 0 and r["peak_memory_mib"] > 100 for r in speed)
+    assert all(r["wall_s"] > r["median_step_s"] > 0 for r in speed)
+    for r in speed:  # the peak of the run's sittings, as they recorded it
+        with (tmp_path / "out" / r["run"] / "sittings.csv").open() as fh:
+            peaks = [float(row["peak_memory_mib"]) for row in csv.DictReader(fh)]
+        assert r["peak_memory_mib"] == max(peaks)
     assert res.stdout.count("\n| a | sdfsmis | tiny | 32 |") == 1
     res = _script(str(ROOT / "benchmarks" / "train_runs.py"), str(tmp_path), cwd=tmp_path)
     assert res.returncode != 0 and "not a training run folder" in res.stderr
