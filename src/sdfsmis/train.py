@@ -179,9 +179,13 @@ class TrainConfig:
                              "encoder is trained, so every step needs the images")
 
 
-#: Sections that must match when resuming from a checkpoint written by another config.
+#: Sections that must match when resuming from a checkpoint written by another config: what the run
+#: learns from and with. ``optim`` too: the checkpoint's optimizer state holds its learning rates,
+#: which would silently win over new ones; ``cache_latents`` / ``cache_bank`` change the encodings
+#: and the random stream of the episodes. ``iterations`` may change (a run extended or shortened; the
+#: learning-rate schedule follows the new length from the resumed step, and the console says so).
 _RESUME_MUST_MATCH = ("data", "train_scans", "episodes", "model", "batch_size",
-                      "gradient_accumulation_steps", "seed")
+                      "gradient_accumulation_steps", "seed", "optim", "cache_latents", "cache_bank")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -467,11 +471,17 @@ def _resume_point(cfg: TrainConfig) -> tuple[Path | None, int]:
         return None, 0
     saved_path = ckpt / "config.json"
     saved, current = json.loads(saved_path.read_text()), config_to_dict(cfg)
-    differ = [k for k in _RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
+    defaults = config_to_dict(TrainConfig())  # keys older checkpoints do not have yet
+    differ = [k for k in _RESUME_MUST_MATCH if saved.get(k, defaults.get(k)) != current.get(k)]
     if differ:
         raise InputError(saved_path, f"cannot resume: the checkpoint was trained with different "
-                                     f"{', '.join(differ)}; use another out_dir or resume=no")
-    return ckpt, int(json.loads((ckpt / "state.json").read_text())["step"])
+                                     f"{', '.join(differ)}; use another out_dir, resume=no, or "
+                                     f"init_from={ckpt} (its weights, a fresh optimizer)")
+    step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    if saved.get("iterations") != cfg.iterations:
+        log.info("resuming at step %d a run planned for %s steps, now iterations=%d: the learning-rate "
+                 "schedule follows the new length", step, saved.get("iterations"), cfg.iterations)
+    return ckpt, step
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
