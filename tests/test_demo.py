@@ -36,7 +36,10 @@ def test_demo_runs_end_to_end(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert set(report["dice"]) == {"right kidney"}
     value = report["dice"]["right kidney"]
-    assert isinstance(value, float) and 0.0 <= value <= 1.0
+    # the Dice of the written segmentation against the query's labels (CHAOS id 2), recomputed here
+    pred = np.asarray(nib.load(report["segmentation"]).dataobj) == 2
+    truth = np.asarray(nib.load(D.demo_files()["query_label"]).dataobj) == 2
+    assert pred.any() and value == pytest.approx(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
     for key in ("segmentation", "overlay", "summary", "dice_file"):
         assert Path(report[key]).is_file() and report[key] in out
     seg = nib.load(report["segmentation"])

@@ -54,8 +54,8 @@ def test_sd_tier_train_save_move_load_predict(layout, tmp_path, prepared, monkey
     sd = save_tiny_sd_checkpoint(work / "ckpt" / f"tiny-{layout}", seed=3, layout=layout, full=True)
     for part in ("text_encoder", "tokenizer", "scheduler", "unet", "vae"):
         assert (sd / part).is_dir()
-    extra = []
-    if layout == "sd21":  # DINOv2 condition features, as the paper's sd tier
+    extra = ["model.backbone.image_encoder=vae"]  # the VAE-feature VTCT, as the compact tier
+    if layout == "sd21":  # DINOv2 condition features, as the paper's sd tier (its default)
         save_tiny_dinov2(work / "ckpt" / "dino", seed=3)
         extra = ["model.backbone.image_encoder=ckpt/dino"]
     monkeypatch.chdir(work)  # relative paths, as typed on a command line
@@ -100,10 +100,10 @@ def test_fp16_variant_folder_loads(tmp_path):
     sd = save_tiny_sd_checkpoint(tmp_path / "sd-fp16", seed=1, variant="fp16", full=True)
     assert not (sd / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (sd / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    bb = build_backbone(BackboneConfig(tier="sd", path=str(sd), image_size=32))
+    bb = build_backbone(BackboneConfig(tier="sd", path=str(sd), image_encoder="vae", image_size=32))
     assert bb.unet.dtype == torch.float32
     ref = build_backbone(BackboneConfig(tier="sd", path=str(save_tiny_sd_checkpoint(tmp_path / "sd32", seed=1)),
-                                        image_size=32))
+                                        image_encoder="vae", image_size=32))
     for key, value in ref.unet.state_dict().items():
         torch.testing.assert_close(bb.unet.state_dict()[key], value.half().float())
 
@@ -117,7 +117,7 @@ def test_missing_local_paths_fail_at_once_with_the_real_key(tmp_path):
         build_backbone(BackboneConfig(tier="sd"))
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="single file"):
+    with pytest.raises(InputError, match="cannot read the single-file checkpoint"):
         build_backbone(BackboneConfig(tier="sd", path=str(bad), image_size=32))
 
 

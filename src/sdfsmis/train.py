@@ -92,7 +92,7 @@ from sdfsmis.training.records import (
     truncate_log,
     warn_if_empty,
 )
-from sdfsmis.training.sampling import EpisodeStream, MixedSampler, build_sampler, step_seed
+from sdfsmis.training.sampling import EpisodeStream, MixedSampler, build_sampler, check_batch, step_seed
 
 __all__ = [
     "CHECKPOINT_PREFIX", "EMPTY_FRACTION", "INVOCATION_COLUMNS", "LOG_COLUMNS", "SCRATCH_TIERS", "MixedSampler",
@@ -182,8 +182,8 @@ def _train(cfg: TrainConfig, *, progress: bool, max_steps: int | None, validate:
                 accelerator.wait_for_everyone()
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations or out_of_time:
                 if main:
-                    _checkpoint(cfg, out_dir, step, accelerator.unwrap_model(loss_module).model, batch,
-                                sampler, optimizer, scheduler, ema, trainable)
+                    _checkpoint(cfg, out_dir, step, accelerator.unwrap_model(loss_module).model,
+                                check_batch(sampler, cfg, accelerator.device), sampler, optimizer, scheduler, ema, trainable)
                 accelerator.wait_for_everyone()
         if out_of_time:
             break
@@ -296,18 +296,18 @@ def _micro_step(accelerator: Any, loss_module: nn.Module, batch: dict[str, Tenso
     return loss, norm
 
 
-def _checkpoint(cfg: TrainConfig, out_dir: Path, step: int, model: nn.Module, batch: Mapping[str, Any],
+def _checkpoint(cfg: TrainConfig, out_dir: Path, step: int, model: nn.Module, check: Mapping[str, Any],
                 sampler: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ema: Any | None,
                 trainable: list[Tensor]) -> None:
-    """Save the samplers' new cached encodings, check what the model marks on the last batch, write
-    the checkpoint and redraw the loss plot (main process)."""
+    """Save the samplers' new cached encodings, check what the model marks on the fixed ``check``
+    batch, write the checkpoint and redraw the loss plot (main process)."""
     if hasattr(sampler, "save_cache"):
         sampler.save_cache()
     with averaged(ema, trainable):
-        check = foreground_check(model, batch)
-    warn_if_empty(check, f"checkpoint at step {step}")
+        marked = foreground_check(model, check)
+    warn_if_empty(marked, f"checkpoint at step {step}")
     save_checkpoint(out_dir, step, model, optimizer, scheduler, cfg, cfg.keep_checkpoints, ema, trainable,
-                    foreground=check)
+                    foreground=marked)
     plot_loss(out_dir / "log.csv", out_dir / "loss.png")
 
 

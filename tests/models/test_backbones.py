@@ -73,10 +73,13 @@ def test_sd_tier_loads_a_saved_checkpoint_through_from_pretrained(tmp_path):
     for key, value in bb.unet.state_dict().items():
         torch.testing.assert_close(value, reference[key])
     _run(bb)
-    # Without an image encoder the sd tier falls back to the VAE encoder's features.
-    fallback = build_backbone(BackboneConfig(tier="sd", path=str(sd), image_size=32))
-    assert isinstance(fallback.image_encoder, VAEFeatureEncoder)
-    assert build_backbone(BackboneConfig(tier="sd", path=str(sd))).latent_size == 32
+    # image_encoder="vae": the VAE encoder's features, as the compact tier.
+    vae_features = build_backbone(BackboneConfig(tier="sd", path=str(sd), image_encoder="vae", image_size=32))
+    assert isinstance(vae_features.image_encoder, VAEFeatureEncoder)
+    assert build_backbone(BackboneConfig(tier="sd", path=str(sd), image_encoder="vae")).latent_size == 32
+    # Unset, it is the paper's DINOv2-small, a hub id: offline and uncached, an error naming the way out.
+    with pytest.raises(InputError, match="facebook/dinov2-small.*model.backbone.image_encoder=DIR"):
+        build_backbone(BackboneConfig(tier="sd", path=str(sd), image_size=32))
 
 
 def test_sd_tier_bad_input(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -42,8 +41,15 @@ def test_shapes_and_ranges(method, k):
         prob = model(q, s, m)
         hard = model.segment(q, s, m)
     assert prob.shape == hard.shape == (2, 1, S, S)
-    assert prob.min() >= 0 and prob.max() <= 1
-    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    # the masks are the probabilities cut by the method's own rule
+    rule, value = model.config.threshold, model.config.threshold_value
+    cut = (value + 1) / 2 if rule == "absolute" else value * prob.amax(dim=(-2, -1), keepdim=True)
+    assert torch.equal(hard, (prob > cut).float())
+    if method != "sdseg":  # probability = the decoded latent, channel-averaged, from [-1, 1] to [0, 1]
+        with torch.no_grad():
+            z = model.predict_latents(model.encode_episode(q, s, m))
+            image = model.vae.model.decode(z / model.vae.scaling_factor).sample.clamp(-1, 1)
+        torch.testing.assert_close(prob, image.mean(1, keepdim=True).add(1).div(2))
     model.train()
     loss = model.training_loss({"query_images": q, "support_images": s, "support_masks": m, "query_masks": qm})
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -170,7 +176,6 @@ def test_tiny_model_overfits_one_episode():
                  "support_masks": m, "support_features": ep.support_features,
                  "query_mask_latents": model.encode_masks(qm)}
     opt = torch.optim.AdamW(model.parameter_groups(1e-3, 1e-3), weight_decay=0.0)
-    start = time.time()
     losses = []
     for _ in range(30):
         loss = model.training_loss(batch)
@@ -179,7 +184,6 @@ def test_tiny_model_overfits_one_episode():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
-    assert time.time() - start < 30
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

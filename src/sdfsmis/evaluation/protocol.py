@@ -122,6 +122,27 @@ class EvalResult:
         }
 
 
+def threshold_record(predictor: Any) -> dict[str, Any]:
+    """The cut that really turns ``predictor``'s output into masks, for the summary.
+
+    A trained model thresholds inside its predictor with its own rule (``absolute``: decoded mask
+    > ``value`` in [-1, 1], i.e. foreground probability > ``(value + 1) / 2``; ``relative``:
+    probability > ``value`` x its maximum per slice) and hands the protocol {0, 1} masks; the
+    training-free baseline centres its sigmoid on a cosine-similarity ``value``; any other
+    predictor is cut by the protocol at probability >= 0.5.
+    """
+    cfg = getattr(predictor, "config", None)
+    rule, value = getattr(cfg, "threshold", None), getattr(cfg, "threshold_value", None)
+    if rule in ("absolute", "relative") and value is not None:
+        record: dict[str, Any] = {"applied_by": "model", "rule": rule, "value": float(value)}
+        if rule == "absolute":
+            record["foreground_probability_above"] = (float(value) + 1.0) / 2.0
+        return record
+    if isinstance(rule, float) and hasattr(cfg, "temperature"):
+        return {"applied_by": "predictor", "rule": "cosine_similarity_at_least", "value": rule}
+    return {"applied_by": "protocol", "rule": "probability_at_least", "value": PROB_THRESHOLD}
+
+
 def _describe(predictor: Any) -> dict[str, Any]:
     cfg = getattr(predictor, "config", None)
     if is_dataclass(cfg) and not isinstance(cfg, type):
@@ -239,13 +260,22 @@ def evaluate(
         "support": support,
         "n_chunks": n_chunks,
         "shots": shots,
-        "prob_threshold": PROB_THRESHOLD,
+        "threshold": threshold_record(first),
         "cleanup": bool(cleanup),
         "predictor": getattr(first, "name", type(first).__name__),
         "predictor_config": _describe(first),
         "prepared": None if root is None else str(root),
         "scan_ids": list(prepared.scan_ids),
     }
+    if isinstance(predictor, Mapping):  # one record per (fold, organ): several models, several rules
+        records = [{"fold": f, "organ": o, "predictor": getattr(pick(f, o), "name", type(pick(f, o)).__name__),
+                    "predictor_config": _describe(pick(f, o)), "threshold": threshold_record(pick(f, o))}
+                   for f in plan for o in organs]
+        config["predictors"] = records
+        if any(r["threshold"] != records[0]["threshold"] for r in records):
+            config["threshold"] = "per predictor (see predictors)"
+        if any(r["predictor_config"] != records[0]["predictor_config"] for r in records):
+            config["predictor_config"] = "per predictor (see predictors)"
     tasks = [(f, q) for f, p in plan.items() for q in p["queries"]]
     cases: list[CaseResult] = []
     skipped: list[dict[str, Any]] = []

@@ -4,9 +4,12 @@ A backbone is a (trainable) diffusers ``UNet2DConditionModel``, a frozen VAE (``
 frozen image encoder for VTCT (``ImageEncoder``):
 
 - ``sd``: Stable Diffusion 1.x/2.x from a diffusers folder or hub id (``unet/`` and ``vae/``
-  subfolders, ``from_pretrained``) + DINOv2 from ``image_encoder`` (a transformers folder or hub id).
+  subfolders, ``from_pretrained``) + the paper's VTCT encoder, DINOv2-small (``facebook/dinov2-small``,
+  a hub id that resolves from the Hugging Face cache; or a transformers folder given as
+  ``image_encoder``).
 - ``compact``: the packaged TAESD + a small SD-layout UNet built from ``COMPACT_UNET`` (trained from
-  scratch by the project) + TAESD-encoder features (or DINOv2 when ``image_encoder`` is given).
+  scratch by the project) + TAESD-encoder features, the compact tier's own choice: a 128-256 px CPU
+  model with no second network to load (or DINOv2 when ``image_encoder`` is given).
 - ``tiny``: random tiny UNet, tiny random AutoencoderKL (or AutoencoderTiny) and a tiny random DINOv2;
   seconds on a CPU, for tests.
 
@@ -82,7 +85,10 @@ TINY_UNET: dict[str, Any] = dict(
 )
 
 DEFAULT_IMAGE_SIZE = {"sd": 256, "compact": 256, "tiny": 32}
-DEFAULT_IMAGE_ENCODER = {"sd": "vae", "compact": "vae", "tiny": "tiny-dinov2"}
+#: DINOv2-small, the image encoder of the SD-FSMIS paper's VTCT (384-d patch features).
+DINOV2_SMALL = "facebook/dinov2-small"
+#: The VTCT image encoder of each tier when ``BackboneConfig.image_encoder`` is ``None``.
+DEFAULT_IMAGE_ENCODER = {"sd": DINOV2_SMALL, "compact": "vae", "tiny": "tiny-dinov2"}
 
 
 @dataclass
@@ -93,13 +99,17 @@ class BackboneConfig:
     path: ``sd``: diffusers folder or hub id (required); ``compact``: a TAESD folder (default: the
         packaged weights); ``tiny``: unused.
     image_encoder: a DINOv2 transformers folder or hub id, ``"vae"`` (the frozen VAE encoder's
-        features) or ``"tiny-dinov2"``; ``None`` picks the tier's default (``sd`` and ``compact``:
-        ``"vae"``, ``tiny``: ``"tiny-dinov2"``).
+        features) or ``"tiny-dinov2"``; ``None`` picks the tier's default (``sd``: DINOv2-small as in
+        the paper, ``compact``: ``"vae"``, ``tiny``: ``"tiny-dinov2"``); a saved model's
+        ``config.json`` records the encoder it was built with (``models.io.portable_config``).
     image_encoder_size: input size for DINOv2 (default 224, or the config's size if smaller).
     unet: overrides of the ``compact`` / ``tiny`` UNet config (not allowed for ``sd``).
     image_size: working image size (default 256; ``tiny``: 32); the latent is ``image_size / 8``.
     tiny_vae: ``kl`` (tiny AutoencoderKL) or ``taesd`` (tiny AutoencoderTiny) for the tiny tier.
     seed: seeds the random initialisation of the ``compact`` / ``tiny`` modules.
+    single_file_config: where ``path`` is a single-file SD checkpoint, a diffusers folder of the same
+        architecture (its ``unet/`` and ``vae/`` ``config.json``); ``None``: the packaged SD-1.5 /
+        SD-2.1 configs, picked from the checkpoint's keys (``sdfsmis.models.single_file``).
     """
 
     tier: Tier = "compact"
@@ -110,6 +120,7 @@ class BackboneConfig:
     image_size: int | None = None
     tiny_vae: Literal["kl", "taesd"] = "kl"
     seed: int = 0
+    single_file_config: str | None = None
 
 
 @dataclass
@@ -176,13 +187,14 @@ def _build_unet(cfg: BackboneConfig, tier: str, weights: bool = True) -> UNet2DC
         local = Path(cfg.path).expanduser()
         if local.is_dir() and not (local / "unet" / "config.json").is_file():
             raise InputError(local / "unet", "no config.json: not a diffusers Stable Diffusion folder")
-        return diffusers_from_pretrained(UNet2DConditionModel, cfg.path, "unet", "UNet", weights=weights)
+        return diffusers_from_pretrained(UNet2DConditionModel, cfg.path, "unet", "UNet", weights=weights,
+                                         single_file_config=cfg.single_file_config)
     return random_unet(unet_config(tier, cfg.unet), seed=cfg.seed)
 
 
 def _build_vae(cfg: BackboneConfig, tier: str) -> FrozenVAE:
     if tier == "sd":
-        return load_autoencoder_kl(cfg.path, subfolder="vae")
+        return load_autoencoder_kl(cfg.path, subfolder="vae", single_file_config=cfg.single_file_config)
     if tier == "compact":
         return load_taesd(cfg.path)
     return tiny_autoencoder_kl(cfg.seed) if cfg.tiny_vae == "kl" else tiny_autoencoder_tiny(cfg.seed)
@@ -204,7 +216,8 @@ def build_backbone(cfg: BackboneConfig, unet_weights: bool = True) -> Backbone:
     """Build the UNet, the frozen VAE and the frozen image encoder of ``cfg.tier``.
 
     The UNet comes in train mode with float32 weights; the VAE and image encoder are frozen and in
-    eval mode. ``unet_weights=False`` reads only the ``sd`` UNet's ``config.json`` (a saved model
+    eval mode. ``cfg.image_encoder=None`` means the tier's default (``DEFAULT_IMAGE_ENCODER``).
+    ``unet_weights=False`` reads only the ``sd`` UNet's ``config.json`` (a saved model
     holds its own trained UNet, so only the frozen parts come from the SD folder). Raises
     ``InputError`` for an unknown tier, a missing or malformed checkpoint folder.
     """
@@ -306,6 +319,12 @@ def _save_tiny_text_parts(out: Path, layout: str, seed: int) -> None:
         PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, **common).save_pretrained(str(out / "scheduler"))
 
 
+def tiny_sd_modules(seed: int = 0, layout: Literal["sd15", "sd21"] = "sd15") -> tuple[UNet2DConditionModel, Any]:
+    """The tiny random UNet and AutoencoderKL of ``save_tiny_sd_checkpoint`` (seeded)."""
+    unet = random_unet(unet_config("tiny", _SD21_UNET if layout == "sd21" else None), seed=seed)
+    return unet, tiny_autoencoder_kl_model(seed)
+
+
 def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Literal["sd15", "sd21"] = "sd15",
                             full: bool = False, variant: str | None = None) -> Path:
     """Write a tiny random Stable-Diffusion-format diffusers folder (``unet/``, ``vae/``,
@@ -319,8 +338,7 @@ def save_tiny_sd_checkpoint(directory: str | Path, seed: int = 0, layout: Litera
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    unet = random_unet(unet_config("tiny", _SD21_UNET if layout == "sd21" else None), seed=seed)
-    vae = tiny_autoencoder_kl_model(seed)
+    unet, vae = tiny_sd_modules(seed, layout)
     if variant == "fp16":
         unet, vae = unet.half(), vae.half()
     unet.save_pretrained(out / "unet", safe_serialization=True, variant=variant)

@@ -6,7 +6,8 @@ Every encoder has ``.dim`` (feature channels) and
 - ``Dinov2Encoder``: DINOv2 via ``transformers`` (patch tokens reshaped to a grid; the grey image is
   replicated to 3 channels, mapped to [0, 1], resized to ``image_size`` and ImageNet-normalised).
 - ``VAEFeatureEncoder``: the frozen VAE encoder's last feature map before its final conv, at 1/8
-  resolution (TAESD: 64 channels; AutoencoderKL: ``block_out_channels[-1]``). The offline default.
+  resolution (TAESD: 64 channels; AutoencoderKL: ``block_out_channels[-1]``). The ``compact`` tier's
+  default (the ``sd`` tier defaults to DINOv2-small, as the paper).
 - ``tiny_dinov2`` / ``save_tiny_dinov2`` (in ``backbones``): a tiny random DINOv2 for tests.
 
 ``masked_average`` pools a feature map under a binary mask; VTCT and the QE prototype use it.
@@ -142,7 +143,13 @@ def load_dinov2(path_or_id: str | Path, image_size: int | None = None) -> Dinov2
     try:
         model = AutoModel.from_pretrained(str(path_or_id))
     except (OSError, ValueError) as exc:
-        raise InputError(path_or_id, f"cannot load image encoder: {exc}") from exc
+        hint = ""
+        if not local.exists():
+            hint = (" (a hub id that is neither in the Hugging Face cache nor downloadable here: pass a "
+                    "local DINOv2 folder as model.backbone.image_encoder=DIR, or --image-encoder-path DIR "
+                    "for a saved model; model.backbone.image_encoder=vae uses the VAE encoder's features)")
+        reason = " ".join(str(exc).split())
+        raise InputError(path_or_id, f"cannot load the DINOv2 image encoder: {reason}{hint}") from exc
     if not hasattr(model.config, "patch_size") or "dinov2" not in model.config.model_type:
         raise InputError(path_or_id, f"expected a DINOv2 model, got model_type={model.config.model_type!r}")
     return Dinov2Encoder(model.float(), image_size=image_size)

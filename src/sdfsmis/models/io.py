@@ -35,7 +35,7 @@ from torch import nn
 
 from sdfsmis import __version__, atomic
 from sdfsmis.errors import InputError
-from sdfsmis.models.backbones import build_backbone
+from sdfsmis.models.backbones import DEFAULT_IMAGE_ENCODER, Backbone, build_backbone
 from sdfsmis.models.config import ModelConfig
 from sdfsmis.models.registry import build_model
 
@@ -55,10 +55,13 @@ def _absolute(value: str | None) -> str | None:
 
 
 def portable_config(cfg: ModelConfig) -> dict:
-    """``cfg.to_dict()`` with local backbone / image-encoder paths made absolute."""
+    """``cfg.to_dict()`` with local backbone / image-encoder paths made absolute and the tier's
+    default image encoder written out (the model records the encoder it was built with)."""
     data = cfg.to_dict()
     data["backbone"]["path"] = _absolute(data["backbone"]["path"])
-    data["backbone"]["image_encoder"] = _absolute(data["backbone"]["image_encoder"])
+    bb = data["backbone"]
+    bb["image_encoder"] = _absolute(bb["image_encoder"] or DEFAULT_IMAGE_ENCODER.get(bb["tier"]))
+    data["backbone"]["single_file_config"] = _absolute(data["backbone"]["single_file_config"])
     return data
 
 

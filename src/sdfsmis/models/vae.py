@@ -182,9 +182,11 @@ def load_taesd(path: str | Path | None = None) -> FrozenVAE:
     return FrozenVAE(model.float())
 
 
-def load_autoencoder_kl(path_or_id: str | Path, subfolder: str | None = "vae") -> FrozenVAE:
+def load_autoencoder_kl(path_or_id: str | Path, subfolder: str | None = "vae",
+                        single_file_config: str | Path | None = None) -> FrozenVAE:
     """An ``AutoencoderKL`` from a diffusers folder, a single-file SD checkpoint or a hub id
-    (``subfolder`` inside a folder; fp16-only variant folders load too), frozen.
+    (``subfolder`` inside a folder; fp16-only variant folders load too; a single file takes its
+    architecture from ``single_file_config`` or a packaged SD config), frozen.
 
     When ``path_or_id`` is a local folder without ``subfolder`` but with its own ``config.json``,
     the folder itself is used.
@@ -196,7 +198,8 @@ def load_autoencoder_kl(path_or_id: str | Path, subfolder: str | None = "vae") -
         target = local / subfolder if subfolder else local
         if not (target / "config.json").is_file():
             raise InputError(target, "no config.json: not a diffusers AutoencoderKL folder")
-    model = diffusers_from_pretrained(AutoencoderKL, path_or_id, subfolder or None, "AutoencoderKL")
+    model = diffusers_from_pretrained(AutoencoderKL, path_or_id, subfolder or None, "AutoencoderKL",
+                                      single_file_config=single_file_config)
     return FrozenVAE(model)
 
 

@@ -37,13 +37,14 @@ def _variant(folder: Path) -> str | None:
 
 
 def diffusers_from_pretrained(cls: Any, path_or_id: str | Path, subfolder: str | None, what: str,
-                              weights: bool = True) -> Any:
+                              weights: bool = True, single_file_config: str | Path | None = None) -> Any:
     """``cls.from_pretrained(path_or_id, subfolder)`` in float32 with diffusers' own loaders:
 
     - a folder holding only fp16 variant files (``diffusion_pytorch_model.fp16.safetensors``) loads
       with ``variant="fp16"``;
     - a single-file checkpoint (``v1-5-pruned-emaonly.safetensors``) goes through
-      ``cls.from_single_file``;
+      ``cls.from_single_file`` with a local config (``single_file_config`` or a packaged SD-1.5 /
+      SD-2.1 one; ``sdfsmis.models.single_file``), so nothing is downloaded;
     - ``weights=False`` builds the module from its ``config.json`` alone (random weights that the
       caller replaces, e.g. the UNet of a saved model).
     """
@@ -55,17 +56,21 @@ def diffusers_from_pretrained(cls: Any, path_or_id: str | Path, subfolder: str |
             if local.suffix not in SINGLE_FILE_SUFFIXES:
                 raise InputError(local, f"expected a diffusers folder or a single-file checkpoint "
                                         f"({', '.join(SINGLE_FILE_SUFFIXES)})")
-            model = cls.from_single_file(str(local))
+            from sdfsmis.models.single_file import load_single_file
+
+            model = load_single_file(cls, local, subfolder, single_file_config, weights=weights)
         elif not weights:
             model = cls.from_config(cls.load_config(text, subfolder=subfolder))
         else:
             target = local / subfolder if subfolder else local
             model = cls.from_pretrained(text, subfolder=subfolder, variant=_variant(target))
+    except InputError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         hint = ""
         if local.is_file():
-            hint = ("; diffusers could not convert this single file offline: convert it once to a "
-                    "diffusers folder (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
-                    "and use that folder")
-        raise InputError(path_or_id, f"cannot load the {what}: {exc}{hint}") from exc
+            hint = ("; the single file does not match the architecture of its config (pass "
+                    "model.backbone.single_file_config=DIR, a diffusers folder of the same model)")
+        reason = " ".join(str(exc).split())
+        raise InputError(path_or_id, f"cannot load the {what}: {reason[:500]}{hint}") from exc
     return model.float()

@@ -74,7 +74,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
         torch.save(rng_state(), tmp / "rng.pt")
         save_config(cfg, tmp / "config.json")
         state = {"step": step, "time": time.time()}
-        if foreground is not None:  # what the model marked on the last training batch
+        if foreground is not None:  # what the model marked on the fixed check batch
             state["foreground"] = dict(foreground)
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
 
@@ -115,11 +115,17 @@ def resume_point(cfg: TrainConfig) -> tuple[Path | None, int]:
         return None, 0
     saved_path = ckpt / "config.json"
     saved, current = json.loads(saved_path.read_text()), config_to_dict(cfg)
-    differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
+    defaults = config_to_dict(TrainConfig())  # keys older checkpoints do not have yet
+    differ = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults.get(k)) != current.get(k)]
     if differ:
         raise InputError(saved_path, f"cannot resume: the checkpoint was trained with different "
-                                     f"{', '.join(differ)}; use another out_dir or resume=no")
-    return ckpt, int(json.loads((ckpt / "state.json").read_text())["step"])
+                                     f"{', '.join(differ)}; use another out_dir, resume=no, or "
+                                     f"init_from={ckpt} (its weights, a fresh optimizer)")
+    step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    if saved.get("iterations") != cfg.iterations:
+        log.info("resuming at step %d a run planned for %s steps, now iterations=%d: the learning-rate "
+                 "schedule follows the new length", step, saved.get("iterations"), cfg.iterations)
+    return ckpt, step
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:

@@ -121,9 +121,13 @@ class TrainConfig:
                              "encoder is trained, so every step needs the images")
 
 
-#: Sections that must match when resuming from a checkpoint written by another config.
+#: Sections that must match when resuming from a checkpoint written by another config: what the run
+#: learns from and with. ``optim`` too: the checkpoint's optimizer state holds its learning rates,
+#: which would silently win over new ones; ``cache_latents`` / ``cache_bank`` change the encodings
+#: and the random stream of the episodes. ``iterations`` may change (a run extended or shortened; the
+#: learning-rate schedule follows the new length from the resumed step, and the console says so).
 RESUME_MUST_MATCH = ("data", "train_scans", "episodes", "model", "batch_size",
-                      "gradient_accumulation_steps", "seed")
+                     "gradient_accumulation_steps", "seed", "optim", "cache_latents", "cache_bank")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

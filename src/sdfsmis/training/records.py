@@ -33,7 +33,7 @@ EMPTY_FRACTION = 0.05
 
 @torch.no_grad()
 def foreground_check(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float] | None:
-    """How much the model marks on a training batch, with its own threshold rule: predicted and
+    """How much the model marks on an episode batch, with its own threshold rule: predicted and
     true foreground pixels and the highest probability; ``None`` for models without the latent
     path (stand-ins). Eval mode, global RNG untouched."""
     needed = ("episode_from_batch", "predict_latents", "probabilities", "threshold")
@@ -59,7 +59,7 @@ def warn_if_empty(check: Mapping[str, float] | None, where: str) -> bool:
     """Log a warning where ``check`` says the model marks (almost) nothing; True if it did."""
     if not check or check["true_px"] <= 0 or check["predicted_px"] >= EMPTY_FRACTION * check["true_px"]:
         return False
-    log.warning("%s: the model marks almost nothing on its training episodes (%d px predicted for %d "
+    log.warning("%s: the model marks almost nothing on a fixed batch of training episodes (%d px predicted for %d "
                 "true, highest probability %.3f): it is not usable yet; train longer, raise the learning "
                 "rate, or start from a trained model (init_from=bundled)", where, check["predicted_px"],
                 check["true_px"], check["max_probability"])

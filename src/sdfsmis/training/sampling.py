@@ -83,6 +83,18 @@ def sampler_generator(sampler: Any, seed: int) -> torch.Generator:
     return gen.manual_seed(seed)
 
 
+#: ``step_seed`` role of the checkpoints' check batch (training batches use five indices, never this).
+CHECK_STREAM = 7
+
+
+def check_batch(sampler: Any, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The fixed batch the checkpoints' empty-model check runs on: ``cfg.batch_size`` episodes drawn
+    with a seed of their own, outside the training stream, the same at every checkpoint of the run
+    (and after a resume), so that the checks compare like with like."""
+    batch = sampler.sample(cfg.batch_size, sampler_generator(sampler, step_seed(cfg.seed, CHECK_STREAM)))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 class EpisodeStream(torch.utils.data.IterableDataset):
     """Batches for micro-steps ``start, start+1, ...``; micro-step ``i`` = (step, micro) seeded alone,
     so worker ``w`` of ``n`` yields ``i = w, w+n, ...`` and the DataLoader's round robin keeps order."""
