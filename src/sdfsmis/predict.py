@@ -25,7 +25,9 @@ How a scan becomes model input (the choices the papers leave open):
   protocol's rule, the prepare stage's function: z-score, clip to the 0.5/99.5 percentiles, [-1, 1].
 - **Slices -> model -> masks**: the slice pipeline shared with ``evaluate`` and the baseline
   (:mod:`sdfsmis.inference.slices`): common pixel size, aspect kept, padded to the model's grid;
-  probabilities resampled back and thresholded by the model's rule; bf16 autocast by default.
+  probabilities resampled back and thresholded by the model's rule; bf16 autocast by default. On
+  the CPU the decoding of each batch and its merge into the output run on a second thread while the
+  next batch goes through the UNet (:mod:`sdfsmis.inference.overlap`; half of torch's threads each).
 - **Which slices** (:mod:`sdfsmis.inference.planning`): the organ's extent in the support, as a
   fraction of the support's body extent (slices where >= 2 % of the voxels are above the volume's
   Otsu threshold), is mapped to the same fraction of the query's body extent and widened by
@@ -59,6 +61,7 @@ from .data.intensity import ABDOMINAL_WINDOW, check_window, model_intensities
 from .data.supervoxels import body_mask
 from .errors import InputError
 from .inference.cleanup import clean_labels
+from .inference.overlap import Overlap
 from .inference.outputs import PredictResult, _Staging, _save_labels, check_output, montage, output_paths
 from .inference.planning import OrganPlan, body_z_range, plan_organ
 from .inference.scans import MAX_LABEL, Inputs, Oriented, load_inputs, to_original
@@ -133,24 +136,37 @@ def _slices(vol: np.ndarray, zs: Sequence[int]) -> torch.Tensor:
 
 def _segment_organ(pipe: SlicePipeline, plan: OrganPlan, s_img: np.ndarray, s_mask: np.ndarray,
                    q_img: np.ndarray, grids: tuple[SliceGrid, SliceGrid], encoder: QueryEncoder,
-                   min_area_px: float, body: np.ndarray, best: np.ndarray, labels: np.ndarray, pbar: Any) -> None:
-    """Segment one organ in the query and merge it into ``best``/``labels`` (highest probability wins),
-    keeping only voxels inside the query's ``body`` mask."""
+                   overlap: Overlap, merge: Any) -> None:
+    """Segment one organ in the query: per chunk its support, per batch the model's first half here and
+    ``merge(label, zs, started)`` (the second half and the merge) through ``overlap``."""
     for sup_z, q_z in zip(plan.support_chunks, plan.query_chunks):
         cache = pipe.prepare_support(_slices(s_img, sup_z), _slices(s_mask, sup_z), grids[0])
         for start in range(0, len(q_z), pipe.batch_size):
             zs = q_z[start:start + pipe.batch_size]
-            prob = pipe.probabilities(_slices(q_img, zs), cache, grids[1], encoder, keys=zs)
-            hard = pipe.masks(prob)
-            for i, z in enumerate(zs):
-                m = hard[i].numpy() & body[:, :, z]
-                if m.sum() < min_area_px:
-                    continue
-                p = prob[i].numpy()
-                win = m & (p > best[:, :, z])
-                best[:, :, z][win] = p[win]
-                labels[:, :, z][win] = plan.label
-            pbar.update(len(zs))
+            overlap.submit(merge, plan.label, zs, pipe.start(_slices(q_img, zs), cache, grids[1], encoder, keys=zs))
+
+
+def _merger(pipe: SlicePipeline, grid: SliceGrid, min_area_px: float, body: np.ndarray, best: np.ndarray,
+            labels: np.ndarray, pbar: Any, done_at: dict[int, float]) -> Any:
+    """``merge(label, zs, started)``: finish the batch's probabilities and merge them into ``best`` /
+    ``labels`` (highest probability wins), keeping only voxels inside the query's ``body`` mask and
+    slices with at least ``min_area_px`` foreground pixels."""
+
+    def merge(label: int, zs: Sequence[int], started: torch.Tensor) -> None:
+        prob = pipe.finish(started, grid)
+        hard = pipe.masks(prob)
+        for i, z in enumerate(zs):
+            m = hard[i].numpy() & body[:, :, z]
+            if m.sum() < min_area_px:
+                continue
+            p = prob[i].numpy()
+            win = m & (p > best[:, :, z])
+            best[:, :, z][win] = p[win]
+            labels[:, :, z][win] = label
+        done_at[label] = time.perf_counter()
+        pbar.update(len(zs))
+
+    return merge
 
 
 def _check_options(shots: Any, batch_size: Any, chunks: Any, z_margin: Any, min_area_mm2: Any,
@@ -275,7 +291,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     best = np.full(q_shape, -1.0, dtype=np.float32)  # running max probability
     out_labels = np.zeros(q_shape, dtype=np.uint16)
     min_area_px = float(min_area_mm2) / (sp_q[0] * sp_q[1])
-    seconds: dict[int, float] = {}
+    started_at: dict[int, float] = {}
     encoder = QueryEncoder(pipe)
     total = sum(len(z) for p in plans for z in p.query_chunks)
     with torch.random.fork_rng(devices=[]), tqdm(total=total, desc="predict", unit="slice",
@@ -290,12 +306,15 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
                 progress_callback(_done[0], total)
 
             pbar.update = _tick  # type: ignore[method-assign]
-        for plan in plans:
-            t1 = time.perf_counter()
-            pbar.set_postfix(organ=organ_names.get(plan.label, plan.label))
-            _segment_organ(pipe, plan, s_img, (s_mask == plan.label).astype(np.float32), q_img, grids[:2],
-                           encoder, min_area_px, q_body_mask, best, out_labels, pbar)
-            seconds[plan.label] = time.perf_counter() - t1
+        done_at: dict[int, float] = {}
+        merge = _merger(pipe, grids[1], min_area_px, q_body_mask, best, out_labels, pbar, done_at)
+        with Overlap(dev) as overlap:
+            for plan in plans:
+                started_at[plan.label] = time.perf_counter()
+                pbar.set_postfix(organ=organ_names.get(plan.label, plan.label))
+                _segment_organ(pipe, plan, s_img, (s_mask == plan.label).astype(np.float32), q_img, grids[:2],
+                               encoder, overlap, merge)
+        seconds = {k: done_at.get(k, t) - t for k, t in started_at.items()}
     del best, encoder
     timing["model"] = time.perf_counter() - t0
     raw_voxels = {p.label: int((out_labels == p.label).sum()) for p in plans}
