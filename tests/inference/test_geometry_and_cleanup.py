@@ -172,7 +172,11 @@ def test_clean_mask_on_the_bounding_box_equals_the_whole_volume():
     rng = np.random.default_rng(0)
     for trial in range(6):
         vol = ndimage.gaussian_filter(rng.random((40, 36, 12)), 2.0) > 0.52
+        vol[8:22, 8:22, 0:9] = True  # the largest component, with a closed cavity and a hole open at z = 0
+        vol[11:19, 11:19, 3:6] = False
+        vol[12:15, 12:15, 0:2] = False
         if trial % 2:
             vol[:, :, 0] |= vol[:, :, 1]  # organs on the first slice and the volume's faces
             vol[0] |= vol[1]
+        assert ndimage.label(vol, structure=_CONNECTIVITY)[1] > 1 and (whole(vol) & ~vol).sum() > 100
         np.testing.assert_array_equal(clean_mask(vol), whole(vol))
