@@ -469,3 +469,21 @@ def test_degenerate_inputs_are_warned_about(scans, tiny_model, tmp_path):
     assert "single slice" in text and "label 7 has only 1 voxel" in text
     assert res.summary["warnings"] and "warning: " in str(res)
     assert nib.load(res.segmentation).shape == (20, 24, 1)
+
+
+def test_model_cache_reuses_the_model_until_its_files_change(tmp_path, monkeypatch):
+    import shutil
+
+    from sdfsmis import predict as P
+
+    loads = []
+    monkeypatch.setattr(P, "load_model", lambda path, device, **kw: loads.append(path) or object())
+    folder = tmp_path / "model"
+    shutil.copytree(P.DEFAULT_MODEL_DIR, folder)
+    cache = P.ModelCache()
+    first = cache.get(folder, torch.device("cpu"))
+    assert cache.get(folder, torch.device("cpu")) is first and len(loads) == 1
+    assert cache.get(folder, torch.device("cpu"), backbone_path="x") is not first and len(loads) == 2
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
+    cache.get(folder, torch.device("cpu"))
+    assert len(loads) == 3

@@ -48,6 +48,7 @@ How a scan becomes model input (the choices the papers leave open):
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -69,7 +70,7 @@ from .inference.slices import GRID, PRECISIONS, QueryEncoder, SliceGrid, SlicePi
 
 __all__ = ["predict", "PredictResult", "load_inputs", "plan_organ", "body_z_range", "SliceGrid", "binarise",
            "normalise_volume", "output_paths", "check_output", "resolve_checkpoint", "load_model", "Inputs",
-           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID", "DEFAULT_MODEL_DIR"]
+           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID", "DEFAULT_MODEL_DIR", "ModelCache"]
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "model"
 
@@ -126,6 +127,27 @@ def load_model(path: Path, device: torch.device, backbone_path: str | Path | Non
         raise InputError(path, f"{type(model).__name__} is not a few-shot model (no support path); "
                                "predict needs an SD-FSMIS or DiffewS model")
     return model.eval()
+
+
+class ModelCache:
+    """The last loaded model, kept between predictions (``sdfsmis serve`` passes one to every job):
+    reused while the directory, device and overrides are the same and the directory's files are
+    unchanged (names, sizes, modification times), else loaded anew. A cached model must not run two
+    predictions at once (the app runs one job at a time)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, Any] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, device: torch.device, **overrides: Any) -> Any:
+        path = Path(path)
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+        key = (str(path.resolve()), str(device), tuple(sorted((k, str(v)) for k, v in overrides.items())), stamp)
+        with self._lock:
+            if self._entry is None or self._entry[0] != key:
+                self._entry = None  # free the old model before loading the new one
+                self._entry = (key, load_model(path, device, **overrides))
+            return self._entry[1]
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -219,7 +241,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
             axis: str = "auto", modality: str = "auto", window: Sequence[float] = ABDOMINAL_WINDOW,
             cleanup: bool = True, precision: str = "auto", names: Mapping[int, str] | str | Path | None = None,
             reference: str | Path | None = None, progress_callback: Any = None,
-            backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None) -> PredictResult:
+            backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None,
+            models: ModelCache | None = None) -> PredictResult:
     """Segment the support mask's organs (or ``labels``) in ``query``; write OUT.nii.gz/.png/.json.
 
     ``shots``: support slices per chunk; ``chunks``: chunks of the organ's extent (protocol: 3);
@@ -233,7 +256,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     ``progress_callback(done, total)``, if given, is called after each batch of query slices; an
     exception it raises (e.g. to cancel) stops the prediction before anything is written.
     ``checkpoint``: a model directory, or ``"bundled"`` / None for the packaged model;
-    ``backbone_path`` / ``image_encoder_path`` override the model's saved SD / DINOv2 paths.
+    ``backbone_path`` / ``image_encoder_path`` override the model's saved SD / DINOv2 paths;
+    ``models``: a :class:`ModelCache` to take the model from (and keep it in) instead of loading it.
     Raises :class:`InputError` on bad input, before any output is written.
 
     The summary (``PredictResult.summary``, also ``OUT.json``): ``format_version`` (2), ``inputs``,
@@ -276,7 +300,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     q_body_mask = body_mask(inputs.query.data)
     timing["intensities"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = load_model(model_dir, dev, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
+    model = (models.get if models is not None else load_model)(model_dir, dev, backbone_path=backbone_path,
+                                                               image_encoder_path=image_encoder_path)
     pipe = SlicePipeline(model, dev, batch_size=int(batch_size), precision=precision)
     grids = pipe.grids(s_img.shape, q_shape, sp_s, sp_q)
     pixel_mm = grids[2]
