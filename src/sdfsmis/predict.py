@@ -334,6 +334,9 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
         done_at: dict[int, float] = {}
         merge = _merger(pipe, grids[1], min_area_px, q_body_mask, best, out_labels, pbar, done_at)
         with Overlap(dev) as overlap:
+            if pipe.split and overlap.enabled:  # the second thread encodes query slices from the last needed
+                needed = list(dict.fromkeys(z for p in plans for c in p.query_chunks for z in c))
+                overlap.submit(encoder.prefetch, lambda zs: _slices(q_img, zs), needed, grids[1])
             for plan in plans:
                 started_at[plan.label] = time.perf_counter()
                 pbar.set_postfix(organ=organ_names.get(plan.label, plan.label))

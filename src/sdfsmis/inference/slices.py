@@ -21,7 +21,7 @@ and by the training-free baseline, so the evaluated figures are the figures of t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,7 +182,13 @@ class SlicePipeline:
 
 
 class QueryEncoder:
-    """Query latents, encoded once per key (a slice index) and reused by every organ."""
+    """Query latents, encoded once per key (a slice index) and reused by every organ.
+
+    :meth:`prefetch` encodes keys ahead of use, from the last needed backwards, so that a second
+    thread can take part of the encoding while the first one prepares supports and runs the UNet;
+    it stops where it meets keys already encoded. (Two threads may encode one key twice; the
+    latents are the same.)
+    """
 
     def __init__(self, pipeline: SlicePipeline):
         self.pipeline = pipeline
@@ -197,3 +203,18 @@ class QueryEncoder:
             z = p.model.encode_images(grid.to_model(queries[todo], -1.0).to(p.device))
             self.cache.update(zip((keys[i] for i in todo), z))
         return torch.stack([self.cache[k] for k in keys])
+
+    @torch.inference_mode()
+    def prefetch(self, slices: Callable[[list[Hashable]], torch.Tensor], keys: Sequence[Hashable], grid: SliceGrid,
+                 batch: int = 4) -> None:
+        """Encode ``keys`` (``slices(keys) -> [n, nx, ny]`` query slices) from the last backwards, ``batch``
+        at a time, until a batch is found already encoded."""
+        p = self.pipeline
+        order = list(keys)[::-1]
+        for start in range(0, len(order), batch):
+            todo = [k for k in order[start:start + batch] if k not in self.cache]
+            if not todo:
+                return
+            with p.autocast():
+                z = p.model.encode_images(grid.to_model(slices(todo), -1.0).to(p.device))
+            self.cache.update(zip(todo, z))
