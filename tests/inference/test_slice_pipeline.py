@@ -213,3 +213,26 @@ def test_overlap_runs_in_order_and_raises_the_workers_error():
         torch.set_num_threads(threads)
     with Overlap("cuda") as ov:  # only the CPU overlaps
         assert not ov.enabled
+
+
+def test_query_prefetch_encodes_from_the_end_and_stops_at_encoded_slices():
+    import contextlib
+    from types import SimpleNamespace
+
+    from sdfsmis.inference.slices import QueryEncoder, SliceGrid
+
+    calls: list[int] = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x[:, :, :2, :2] + 1
+
+    pipe = SimpleNamespace(model=SimpleNamespace(encode_images=encode), device=torch.device("cpu"),
+                           autocast=contextlib.nullcontext)
+    enc = QueryEncoder(pipe)  # type: ignore[arg-type]
+    grid = SliceGrid.fit((8, 8), (1.0, 1.0), 1.0, size=8)
+    vol = torch.arange(20 * 64, dtype=torch.float32).reshape(20, 8, 8)
+    enc.cache.update({k: torch.zeros(1, 2, 2) for k in range(4)})  # the first 4 slices already encoded
+    enc.prefetch(lambda ks: vol[list(ks)], list(range(10)), grid, batch=3)
+    assert sorted(enc.cache) == list(range(10)) and calls == [3, 3]  # 9-7, 6-4, then 3-1 were encoded
+    torch.testing.assert_close(enc.cache[9], grid.to_model(vol[[9]], -1.0)[0, :, :2, :2] + 1)
