@@ -487,3 +487,20 @@ def test_model_cache_reuses_the_model_until_its_files_change(tmp_path, monkeypat
     (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
     cache.get(folder, torch.device("cpu"))
     assert len(loads) == 3
+
+
+def test_summary_records_threads_and_the_decoding_thread(tmp_path):
+    from sdfsmis import predict as P
+    from sdfsmis.demo import demo_files
+
+    files = demo_files()
+    threads = torch.get_num_threads()
+    try:
+        for n, expected in ((1, False), (2, True)):
+            torch.set_num_threads(n)
+            res = P.predict(files["support_image"], files["support_mask"], files["query"], tmp_path / f"t{n}.nii.gz",
+                            labels=[2], overlay=False, progress=False, device="cpu", z_margin=0.0, chunks=1)
+            assert res.summary["settings"]["threads"] == n and torch.get_num_threads() == n
+            assert res.summary["settings"]["decode_thread"] is expected
+    finally:
+        torch.set_num_threads(threads)

@@ -262,7 +262,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
 
     The summary (``PredictResult.summary``, also ``OUT.json``): ``format_version`` (2), ``inputs``,
     ``outputs``, ``model`` (checkpoint, default, class), ``device``, ``settings`` (every option above,
-    the grid size and pixel size), ``slice_axis`` (per scan: file axis, view, obliquity, directions),
+    the grid size and pixel size, torch's ``threads`` and whether decoding ran on its own thread,
+    ``decode_thread``), ``slice_axis`` (per scan: file axis, view, obliquity, directions),
     ``modality`` (per scan), ``warnings``, ``body_z_range``, ``organs`` (per organ: ``label``,
     ``name``, ``voxels``, ``volume_ml``, ``slices`` (indices along the query's slice axis),
     ``candidate_slices``, ``mapped_range``, ``support_slices``, ``seconds``, and with
@@ -317,6 +318,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     out_labels = np.zeros(q_shape, dtype=np.uint16)
     min_area_px = float(min_area_mm2) / (sp_q[0] * sp_q[1])
     started_at: dict[int, float] = {}
+    two_threads = False
     encoder = QueryEncoder(pipe)
     total = sum(len(z) for p in plans for z in p.query_chunks)
     with torch.random.fork_rng(devices=[]), tqdm(total=total, desc="predict", unit="slice",
@@ -334,6 +336,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
         done_at: dict[int, float] = {}
         merge = _merger(pipe, grids[1], min_area_px, q_body_mask, best, out_labels, pbar, done_at)
         with Overlap(dev) as overlap:
+            two_threads = overlap.enabled
             if pipe.split and overlap.enabled:  # the second thread encodes query slices from the last needed
                 needed = list(dict.fromkeys(z for p in plans for c in p.query_chunks for z in c))
                 overlap.submit(encoder.prefetch, lambda zs: _slices(q_img, zs), needed, grids[1])
@@ -378,7 +381,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
                      "min_area_mm2": float(min_area_mm2), "grid": pipe.size, "pixel_mm": round(pixel_mm, 4),
                      "seed": seed, "axis": axis, "modality": modality, "window": list(window),
                      "cleanup": bool(cleanup), "precision": precision, "batch_size": int(batch_size),
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(), "decode_thread": two_threads},
         "slice_index": "index along the query's slice axis (see slice_axis; the file's voxel axis file_axis, "
                        "counted towards the last letter of directions)",
         "slice_axis": {"support": inputs.support.cut.describe(), "query": inputs.query.cut.describe(),
