@@ -145,11 +145,11 @@ class FrozenVAE(nn.Module):
 
     @torch.no_grad()
     def decode_masks(self, z: Tensor) -> Tensor:
-        """Mask latents [B, 4, h, w] -> [B, 1, 8h, 8w] in [-1, 1]: ``decode_gray``'s result, for TAESD
-        with the full-resolution stages run only around the mask (``sdfsmis.models.mask_decoding``)."""
+        """Mask latents [B, 4, h, w] -> [B, 1, 8h, 8w] in [-1, 1]: ``decode_gray``'s result, for TAESD on
+        the CPU with the full-resolution stages run only around the mask (``sdfsmis.models.mask_decoding``)."""
         decoder = self._mask_decoder
-        if decoder is None or z.ndim != 4 or z.shape[1] != self.latent_channels:
-            return self.decode_gray(z)
+        if decoder is None or z.device.type != "cpu" or z.ndim != 4 or z.shape[1] != self.latent_channels:
+            return self.decode_gray(z)  # on a GPU the whole decoder is cheap; windows would cost syncs
         latent, background = self._empty_mask(tuple(z.shape[-2:]), z.device)
         out = decoder.decode(z.to(self.dtype), latent, background)
         return out.mul(2).sub(1).clamp(-1.0, 1.0).mean(dim=1, keepdim=True)
