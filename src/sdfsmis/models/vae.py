@@ -14,7 +14,7 @@ Both kinds map images in [-1, 1] to latents in the *scaled* Stable Diffusion lat
 Decoded images are clamped to [-1, 1]. Convolutions run on channels-last inputs (oneDNN's fast layout
 on the CPU; the weights keep their layout).
 
-Mask latents (``decode_masks``) decode through a lighter, equivalent path for TAESD: a predicted
+Mask latents (``decode_masks``) decode through a lighter, equivalent path for TAESD on the CPU: a predicted
 mask latent equals the background latent (the encoding of an empty mask) almost everywhere, and far
 from the organ the decoder returns the background. The decoder runs on the whole latent up to its
 last upsampling stages; those stages (most of the work: they run at full resolution) run only on a
