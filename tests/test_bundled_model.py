@@ -21,7 +21,7 @@ from sdfsmis.data.prepare import normalise_image
 from sdfsmis.demo import demo_files
 from sdfsmis.evaluation.position import PastePredictor
 from sdfsmis.evaluation.protocol import evaluate
-from sdfsmis.predict import DEFAULT_MODEL_DIR
+from sdfsmis.models.io import BUNDLED_MODEL_DIR as DEFAULT_MODEL_DIR
 
 
 class DemoPair:

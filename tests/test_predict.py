@@ -472,3 +472,38 @@ def test_degenerate_inputs_are_warned_about(scans, tiny_model, tmp_path):
     assert "single slice" in text and "label 7 has only 1 voxel" in text
     assert res.summary["warnings"] and "warning: " in str(res)
     assert nib.load(res.segmentation).shape == (20, 24, 1)
+
+
+def test_model_cache_reuses_the_model_until_its_files_change(tmp_path, monkeypatch):
+    import shutil
+
+    from sdfsmis import predict as P
+
+    loads = []
+    monkeypatch.setattr(P, "load_model", lambda path, device, **kw: loads.append(path) or object())
+    folder = tmp_path / "model"
+    shutil.copytree(model_io.BUNDLED_MODEL_DIR, folder)
+    cache = P.ModelCache()
+    first = cache.get(folder, torch.device("cpu"))
+    assert cache.get(folder, torch.device("cpu")) is first and len(loads) == 1
+    assert cache.get(folder, torch.device("cpu"), backbone_path="x") is not first and len(loads) == 2
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
+    cache.get(folder, torch.device("cpu"))
+    assert len(loads) == 3
+
+
+def test_summary_records_threads_and_the_decoding_thread(tmp_path):
+    from sdfsmis import predict as P
+    from sdfsmis.demo import demo_files
+
+    files = demo_files()
+    threads = torch.get_num_threads()
+    try:
+        for n, expected in ((1, False), (2, True)):
+            torch.set_num_threads(n)
+            res = P.predict(files["support_image"], files["support_mask"], files["query"], tmp_path / f"t{n}.nii.gz",
+                            labels=[2], overlay=False, progress=False, device="cpu", z_margin=0.0, chunks=1)
+            assert res.summary["settings"]["threads"] == n and torch.get_num_threads() == n
+            assert res.summary["settings"]["decode_thread"] is expected
+    finally:
+        torch.set_num_threads(threads)

@@ -25,7 +25,9 @@ How a scan becomes model input (the choices the papers leave open):
   protocol's rule, the function the prepare stage uses: z-score, clip to the 0.5/99.5 percentiles, [-1, 1].
 - **Slices -> model -> masks**: the slice pipeline shared with ``evaluate`` and the baseline
   (:mod:`sdfsmis.inference.slices`): common pixel size, aspect kept, padded to the model's grid;
-  probabilities resampled back and thresholded by the model's rule; bf16 autocast by default.
+  probabilities resampled back and thresholded by the model's rule; bf16 autocast by default. On
+  the CPU the decoding of each batch and its merge into the output run on a second thread while the
+  next batch goes through the UNet (:mod:`sdfsmis.inference.overlap`; half of torch's threads each).
 - **Which slices** (:mod:`sdfsmis.inference.planning`): the organ's extent in the support, as a
   fraction of the support's body extent (slices where >= 2 % of the voxels are above the volume's
   Otsu threshold), is mapped to the same fraction of the query's body extent and widened by
@@ -46,6 +48,7 @@ How a scan becomes model input (the choices the papers leave open):
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,6 +62,7 @@ from .data.body import body_mask
 from .data.intensity import ABDOMINAL_WINDOW, check_window, model_intensities
 from .errors import InputError
 from .inference.cleanup import clean_labels
+from .inference.overlap import Overlap
 from .inference.outputs import PredictResult, _Staging, _save_labels, check_output, montage, output_paths
 from .inference.planning import OrganPlan, body_z_range, plan_organ
 from .inference.scans import MAX_LABEL, Inputs, Oriented, load_inputs, to_original
@@ -66,7 +70,7 @@ from .inference.slices import GRID, PRECISIONS, QueryEncoder, SliceGrid, SlicePi
 
 __all__ = ["predict", "PredictResult", "load_inputs", "plan_organ", "body_z_range", "SliceGrid", "binarise",
            "output_paths", "check_output", "resolve_checkpoint", "load_model", "Inputs",
-           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID"]
+           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID", "ModelCache"]
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -99,6 +103,27 @@ def load_model(path: Path, device: torch.device, backbone_path: str | Path | Non
     return load(path, device, backbone_path=backbone_path, image_encoder_path=image_encoder_path, few_shot=True)
 
 
+class ModelCache:
+    """The last loaded model, kept between predictions (``sdfsmis serve`` passes one to every job):
+    reused while the directory, device and overrides are the same and the directory's files are
+    unchanged (names, sizes, modification times), else loaded anew. A cached model must not run two
+    predictions at once (the app runs one job at a time)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, Any] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, device: torch.device, **overrides: Any) -> Any:
+        path = Path(path)
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+        key = (str(path.resolve()), str(device), tuple(sorted((k, str(v)) for k, v in overrides.items())), stamp)
+        with self._lock:
+            if self._entry is None or self._entry[0] != key:
+                self._entry = None  # free the old model before loading the new one
+                self._entry = (key, load_model(path, device, **overrides))
+            return self._entry[1]
+
+
 # --------------------------------------------------------------------------------- the loop
 def _slices(vol: np.ndarray, zs: Sequence[int]) -> torch.Tensor:
     """``vol[:, :, zs]`` as ``[len(zs), X, Y]`` float32."""
@@ -107,24 +132,37 @@ def _slices(vol: np.ndarray, zs: Sequence[int]) -> torch.Tensor:
 
 def _segment_organ(pipe: SlicePipeline, plan: OrganPlan, s_img: np.ndarray, s_mask: np.ndarray,
                    q_img: np.ndarray, grids: tuple[SliceGrid, SliceGrid], encoder: QueryEncoder,
-                   min_area_px: float, body: np.ndarray, best: np.ndarray, labels: np.ndarray, pbar: Any) -> None:
-    """Segment one organ in the query and merge it into ``best``/``labels`` (highest probability wins),
-    keeping only voxels inside the query's ``body`` mask."""
+                   overlap: Overlap, merge: Any) -> None:
+    """Segment one organ in the query: per chunk its support, per batch the model's first half here and
+    ``merge(label, zs, started)`` (the second half and the merge) through ``overlap``."""
     for sup_z, q_z in zip(plan.support_chunks, plan.query_chunks):
         cache = pipe.prepare_support(_slices(s_img, sup_z), _slices(s_mask, sup_z), grids[0])
         for start in range(0, len(q_z), pipe.batch_size):
             zs = q_z[start:start + pipe.batch_size]
-            prob = pipe.probabilities(_slices(q_img, zs), cache, grids[1], encoder, keys=zs)
-            hard = pipe.masks(prob)
-            for i, z in enumerate(zs):
-                m = hard[i].numpy() & body[:, :, z]
-                if m.sum() < min_area_px:
-                    continue
-                p = prob[i].numpy()
-                win = m & (p > best[:, :, z])
-                best[:, :, z][win] = p[win]
-                labels[:, :, z][win] = plan.label
-            pbar.update(len(zs))
+            overlap.submit(merge, plan.label, zs, pipe.start(_slices(q_img, zs), cache, grids[1], encoder, keys=zs))
+
+
+def _merger(pipe: SlicePipeline, grid: SliceGrid, min_area_px: float, body: np.ndarray, best: np.ndarray,
+            labels: np.ndarray, pbar: Any, done_at: dict[int, float]) -> Any:
+    """``merge(label, zs, started)``: finish the batch's probabilities and merge them into ``best`` /
+    ``labels`` (highest probability wins), keeping only voxels inside the query's ``body`` mask and
+    slices with at least ``min_area_px`` foreground pixels."""
+
+    def merge(label: int, zs: Sequence[int], started: torch.Tensor) -> None:
+        prob = pipe.finish(started, grid)
+        hard = pipe.masks(prob)
+        for i, z in enumerate(zs):
+            m = hard[i].numpy() & body[:, :, z]
+            if m.sum() < min_area_px:
+                continue
+            p = prob[i].numpy()
+            win = m & (p > best[:, :, z])
+            best[:, :, z][win] = p[win]
+            labels[:, :, z][win] = label
+        done_at[label] = time.perf_counter()
+        pbar.update(len(zs))
+
+    return merge
 
 
 def _check_options(shots: Any, batch_size: Any, chunks: Any, z_margin: Any, min_area_mm2: Any,
@@ -177,7 +215,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
             axis: str = "auto", modality: str = "auto", window: Sequence[float] = ABDOMINAL_WINDOW,
             cleanup: bool = True, precision: str = "auto", names: Mapping[int, str] | str | Path | None = None,
             reference: str | Path | None = None, progress_callback: Any = None,
-            backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None) -> PredictResult:
+            backbone_path: str | Path | None = None, image_encoder_path: str | Path | None = None,
+            models: ModelCache | None = None) -> PredictResult:
     """Segment the support mask's organs (or ``labels``) in ``query``; write OUT.nii.gz/.png/.json.
 
     ``shots``: support slices per chunk; ``chunks``: chunks of the organ's extent (protocol: 3);
@@ -191,12 +230,14 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     ``progress_callback(done, total)``, if given, is called after each batch of query slices; an
     exception it raises (e.g. to cancel) stops the prediction before anything is written.
     ``checkpoint``: a model directory, or ``"bundled"`` / None for the packaged model;
-    ``backbone_path`` / ``image_encoder_path`` override the model's saved SD / DINOv2 paths.
+    ``backbone_path`` / ``image_encoder_path`` override the model's saved SD / DINOv2 paths;
+    ``models``: a :class:`ModelCache` to take the model from (and keep it in) instead of loading it.
     Raises :class:`InputError` on bad input, before any output is written.
 
     The summary (``PredictResult.summary``, also ``OUT.json``): ``format_version`` (2), ``inputs``,
     ``outputs``, ``model`` (checkpoint, default, class), ``device``, ``settings`` (every option above,
-    the grid size and pixel size), ``slice_axis`` (per scan: file axis, view, obliquity, directions),
+    the grid size and pixel size, torch's ``threads`` and whether decoding ran on its own thread,
+    ``decode_thread``), ``slice_axis`` (per scan: file axis, view, obliquity, directions),
     ``modality`` (per scan), ``warnings``, ``body_z_range``, ``organs`` (per organ: ``label``,
     ``name``, ``voxels``, ``volume_ml``, ``slices`` (indices along the query's slice axis),
     ``candidate_slices``, ``mapped_range``, ``support_slices``, ``seconds``, and with
@@ -234,7 +275,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     q_body_mask = body_mask(inputs.query.data)
     timing["intensities"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = load_model(model_dir, dev, backbone_path=backbone_path, image_encoder_path=image_encoder_path)
+    model = (models.get if models is not None else load_model)(model_dir, dev, backbone_path=backbone_path,
+                                                               image_encoder_path=image_encoder_path)
     pipe = SlicePipeline(model, dev, batch_size=int(batch_size), precision=precision)
     grids = pipe.grids(s_img.shape, q_shape, sp_s, sp_q)
     pixel_mm = grids[2]
@@ -249,7 +291,8 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
     best = np.full(q_shape, -1.0, dtype=np.float32)  # running max probability
     out_labels = np.zeros(q_shape, dtype=np.uint16)
     min_area_px = float(min_area_mm2) / (sp_q[0] * sp_q[1])
-    seconds: dict[int, float] = {}
+    started_at: dict[int, float] = {}
+    two_threads = False
     encoder = QueryEncoder(pipe)
     total = sum(len(z) for p in plans for z in p.query_chunks)
     with torch.random.fork_rng(devices=[]), tqdm(total=total, desc="predict", unit="slice",
@@ -264,12 +307,19 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
                 progress_callback(_done[0], total)
 
             pbar.update = _tick  # type: ignore[method-assign]
-        for plan in plans:
-            t1 = time.perf_counter()
-            pbar.set_postfix(organ=organ_names.get(plan.label, plan.label))
-            _segment_organ(pipe, plan, s_img, (s_mask == plan.label).astype(np.float32), q_img, grids[:2],
-                           encoder, min_area_px, q_body_mask, best, out_labels, pbar)
-            seconds[plan.label] = time.perf_counter() - t1
+        done_at: dict[int, float] = {}
+        merge = _merger(pipe, grids[1], min_area_px, q_body_mask, best, out_labels, pbar, done_at)
+        with Overlap(dev) as overlap:
+            two_threads = overlap.enabled
+            if pipe.split and overlap.enabled:  # the second thread encodes query slices from the last needed
+                needed = list(dict.fromkeys(z for p in plans for c in p.query_chunks for z in c))
+                overlap.submit(encoder.prefetch, lambda zs: _slices(q_img, zs), needed, grids[1])
+            for plan in plans:
+                started_at[plan.label] = time.perf_counter()
+                pbar.set_postfix(organ=organ_names.get(plan.label, plan.label))
+                _segment_organ(pipe, plan, s_img, (s_mask == plan.label).astype(np.float32), q_img, grids[:2],
+                               encoder, overlap, merge)
+        seconds = {k: done_at.get(k, t) - t for k, t in started_at.items()}
     del best, encoder
     timing["model"] = time.perf_counter() - t0
     raw_voxels = {p.label: int((out_labels == p.label).sum()) for p in plans}
@@ -305,7 +355,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
                      "min_area_mm2": float(min_area_mm2), "grid": pipe.size, "pixel_mm": round(pixel_mm, 4),
                      "seed": seed, "axis": axis, "modality": modality, "window": list(window),
                      "cleanup": bool(cleanup), "precision": precision, "batch_size": int(batch_size),
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(), "decode_thread": two_threads},
         "slice_index": "index along the query's slice axis (see slice_axis; the file's voxel axis file_axis, "
                        "counted towards the last letter of directions)",
         "slice_axis": {"support": inputs.support.cut.describe(), "query": inputs.query.cut.describe(),

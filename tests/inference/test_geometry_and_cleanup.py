@@ -149,3 +149,33 @@ def test_support_in_plane_axes_follow_the_query():
     assert normal_angle(s_aff, s_cut, q_aff, q_cut) < 10
     axial, coronal = _affine((1, 1, 5)), _affine((1, 5, 1))
     assert normal_angle(axial, slice_axis(axial), coronal, slice_axis(coronal)) == pytest.approx(90)
+
+
+def test_clean_mask_on_the_bounding_box_equals_the_whole_volume():
+    """Random blobs, some touching the volume's faces: the boxed clean-up is the whole-volume one."""
+    from scipy import ndimage
+
+    from sdfsmis.inference.cleanup import _CONNECTIVITY, clean_mask
+
+    def whole(mask):
+        comp, n = ndimage.label(mask, structure=_CONNECTIVITY)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            mask = comp == int(np.argmax(sizes))
+        mask = ndimage.binary_fill_holes(mask)
+        for z in np.flatnonzero(mask.any(axis=(0, 1))):
+            mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+        return mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        vol = ndimage.gaussian_filter(rng.random((40, 36, 12)), 2.0) > 0.52
+        vol[8:22, 8:22, 0:9] = True  # the largest component, with a closed cavity and a hole open at z = 0
+        vol[11:19, 11:19, 3:6] = False
+        vol[12:15, 12:15, 0:2] = False
+        if trial % 2:
+            vol[:, :, 0] |= vol[:, :, 1]  # organs on the first slice and the volume's faces
+            vol[0] |= vol[1]
+        assert ndimage.label(vol, structure=_CONNECTIVITY)[1] > 1 and (whole(vol) & ~vol).sum() > 100
+        np.testing.assert_array_equal(clean_mask(vol), whole(vol))

@@ -18,10 +18,23 @@ _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """A bool ``[X, Y, Z]`` mask -> its largest 26-connected component with holes filled."""
+    """A bool ``[X, Y, Z]`` mask -> its largest 26-connected component with holes filled.
+
+    The work is done on the mask's bounding box padded by one background voxel on every side, which
+    gives the same result as the whole volume (the background outside the box is connected to the
+    volume's border) in a fraction of the time.
+    """
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()
+    box = tuple(slice(int(idx[0]), int(idx[-1]) + 1)
+                for idx in (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)))
+    out = np.zeros_like(mask)
+    out[box] = _clean(np.pad(mask[box], 1))[1:-1, 1:-1, 1:-1]
+    return out
+
+
+def _clean(mask: np.ndarray) -> np.ndarray:
     comp, n = ndimage.label(mask, structure=_CONNECTIVITY)
     if n > 1:
         sizes = np.bincount(comp.ravel())

@@ -21,7 +21,7 @@ and by the training-free baseline, so the evaluated figures are the figures of t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,18 +149,32 @@ class SlicePipeline:
         """
         out = []
         for start in range(0, queries.shape[0], self.batch_size):
-            q = queries[start:start + self.batch_size]
-            with self.autocast():
-                if self.split:
-                    ks = None if keys is None else keys[start:start + self.batch_size]
-                    z = (encoder or QueryEncoder(self)).latents(q, grid, ks)
-                    prob = self.model.probabilities(self.model.predict_latents_with_support(z, cache))
-                else:
-                    prob = self.model.predict_with_support(grid.to_model(q, -1.0).to(self.device), cache)
-            out.append(grid.from_model(prob.float().cpu()))
+            ks = None if keys is None else keys[start:start + self.batch_size]
+            out.append(self.finish(self.start(queries[start:start + self.batch_size], cache, grid, encoder, ks), grid))
         if not out:
             return torch.zeros(0, *queries.shape[1:])
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def start(self, queries: torch.Tensor, cache: Any, grid: SliceGrid, encoder: QueryEncoder | None = None,
+              keys: Sequence[Hashable] | None = None) -> torch.Tensor:
+        """First half of :meth:`probabilities` for one batch: the predicted mask latents (models with
+        ``encode_images`` / ``predict_latents_with_support`` / ``probabilities``), else the model's
+        probabilities on the grid. Touches the model's support state: one thread at a time."""
+        with self.autocast():
+            if self.split:
+                z = (encoder or QueryEncoder(self)).latents(queries, grid, keys)
+                return self.model.predict_latents_with_support(z, cache)
+            return self.model.predict_with_support(grid.to_model(queries, -1.0).to(self.device), cache)
+
+    @torch.inference_mode()
+    def finish(self, started: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
+        """Second half: :meth:`start`'s output -> ``[N, nx, ny]`` probabilities (CPU, float32). Uses only
+        the frozen decoder, so it may run on another thread while :meth:`start` runs the next batch."""
+        if self.split:
+            with self.autocast():
+                started = self.model.probabilities(started)
+        return grid.from_model(started.float().cpu())
 
     def masks(self, prob: torch.Tensor) -> torch.Tensor:
         """Probabilities ``[N, H, W]`` -> bool masks by the model's threshold rule."""
@@ -168,7 +182,13 @@ class SlicePipeline:
 
 
 class QueryEncoder:
-    """Query latents, encoded once per key (a slice index) and reused by every organ."""
+    """Query latents, encoded once per key (a slice index) and reused by every organ.
+
+    :meth:`prefetch` encodes keys ahead of use, from the last needed backwards, so that a second
+    thread can take part of the encoding while the first one prepares supports and runs the UNet;
+    it stops where it meets keys already encoded. (Two threads may encode one key twice; the
+    latents are the same.)
+    """
 
     def __init__(self, pipeline: SlicePipeline):
         self.pipeline = pipeline
@@ -183,3 +203,18 @@ class QueryEncoder:
             z = p.model.encode_images(grid.to_model(queries[todo], -1.0).to(p.device))
             self.cache.update(zip((keys[i] for i in todo), z))
         return torch.stack([self.cache[k] for k in keys])
+
+    @torch.inference_mode()
+    def prefetch(self, slices: Callable[[list[Hashable]], torch.Tensor], keys: Sequence[Hashable], grid: SliceGrid,
+                 batch: int = 4) -> None:
+        """Encode ``keys`` (``slices(keys) -> [n, nx, ny]`` query slices) from the last backwards, ``batch``
+        at a time, until a batch is found already encoded."""
+        p = self.pipeline
+        order = list(keys)[::-1]
+        for start in range(0, len(order), batch):
+            todo = [k for k in order[start:start + batch] if k not in self.cache]
+            if not todo:
+                return
+            with p.autocast():
+                z = p.model.encode_images(grid.to_model(slices(todo), -1.0).to(p.device))
+            self.cache.update(zip(todo, z))

@@ -108,8 +108,8 @@ class LatentSegmenter(nn.Module):
 
     def probabilities(self, z: Tensor) -> Tensor:
         """Predicted mask latents [B, 4, h, w] -> foreground probability [B, 1, 8h, 8w] in [0, 1]
-        (decoded, averaged over the 3 channels, mapped from [-1, 1] to [0, 1])."""
-        return self.vae.decode_gray(z.float()).float().add(1).div(2).clamp(0, 1)
+        (decoded, averaged over the 3 channels, mapped from [-1, 1] to [0, 1]; ``FrozenVAE.decode_masks``)."""
+        return self.vae.decode_masks(z.float()).float().add(1).div(2).clamp(0, 1)
 
     def threshold(self, prob: Tensor) -> Tensor:
         """Probabilities -> hard {0, 1} masks with the configured rule (``config.apply_threshold``)."""

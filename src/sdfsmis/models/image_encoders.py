@@ -127,7 +127,7 @@ class VAEFeatureEncoder(ImageEncoder):
         x = x.to(next(self.trunk.parameters()).dtype)
         if self.kind == "taesd":
             x = x.add(1).div(2)
-        return self.trunk(x).float()
+        return self.trunk(x.contiguous(memory_format=torch.channels_last)).float().contiguous()
 
 
 def load_dinov2(path_or_id: str | Path, image_size: int | None = None) -> Dinov2Encoder:

@@ -11,7 +11,17 @@ Both kinds map images in [-1, 1] to latents in the *scaled* Stable Diffusion lat
   itself (around ``encoder.layers`` / ``decoder.layers``) so the result does not depend on the
   diffusers gradient-checkpointing branch, which skips that mapping.
 
-Decoded images are clamped to [-1, 1].
+Decoded images are clamped to [-1, 1]. Convolutions run on channels-last inputs (oneDNN's fast layout
+on the CPU; the weights keep their layout).
+
+Mask latents (``decode_masks``) decode through a lighter, equivalent path for TAESD on the CPU: a predicted
+mask latent equals the background latent (the encoding of an empty mask) almost everywhere, and far
+from the organ the decoder returns the background. The decoder runs on the whole latent up to its
+last upsampling stages; those stages (most of the work: they run at full resolution) run only on a
+window around the latent positions that differ from the background, widened by the stages'
+receptive field so that every pixel inside the window is exactly what the full decoder gives.
+Outside it the decoded empty mask is used. A window whose edge is not background (a mask reaching
+past it), or one nearly as large as the slice, is decoded whole.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from torch import Tensor, nn
 
 from sdfsmis.errors import InputError
 from sdfsmis.models.weights import diffusers_from_pretrained
+from sdfsmis.models.mask_decoding import WindowedMaskDecoder
 
 VAEKind = Literal["taesd", "kl"]
 
@@ -33,6 +44,11 @@ VAEKind = Literal["taesd", "kl"]
 TAESD_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "taesd"
 TAESD_ENCODER_FILE = "taesd_encoder.safetensors"
 TAESD_DECODER_FILE = "taesd_decoder.safetensors"
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """A 4-D tensor in channels-last memory layout (same values)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -95,8 +111,8 @@ class FrozenVAE(nn.Module):
             raise ValueError(f"encode expects [B, 3, H, W], got {tuple(x.shape)}")
         x = x.to(self.dtype)
         if self.kind == "taesd":
-            return self.model.encoder.layers(x.add(1).div(2))
-        mean = self.model.encode(x).latent_dist.mean
+            return self.model.encoder.layers(channels_last(x.add(1).div(2))).contiguous()
+        mean = self.model.encode(channels_last(x)).latent_dist.mean.contiguous()
         return (mean - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
@@ -106,10 +122,9 @@ class FrozenVAE(nn.Module):
             raise ValueError(f"decode expects [B, {self.latent_channels}, h, w], got {tuple(z.shape)}")
         z = z.to(self.dtype)
         if self.kind == "taesd":
-            dec = self.model.decoder
-            out = dec.layers(torch.tanh(z / 3) * 3).mul(2).sub(1)
+            out = self.model.decoder.layers(channels_last(torch.tanh(z / 3) * 3)).mul(2).sub(1)
         else:
-            out = self.model.decode(z / self.scaling_factor + self.shift_factor).sample
+            out = self.model.decode(channels_last(z / self.scaling_factor + self.shift_factor)).sample
         return out.clamp(-1.0, 1.0)
 
     def encode_gray(self, images: Tensor) -> Tensor:
@@ -127,6 +142,41 @@ class FrozenVAE(nn.Module):
     def encode_masks(self, masks: Tensor) -> Tensor:
         """Binary masks [B, 1, H, W] in {0, 1} -> latents of the mask mapped to {-1, 1}."""
         return self.encode_gray(masks * 2.0 - 1.0)
+
+    @torch.no_grad()
+    def decode_masks(self, z: Tensor) -> Tensor:
+        """Mask latents [B, 4, h, w] -> [B, 1, 8h, 8w] in [-1, 1]: ``decode_gray``'s result, for TAESD on
+        the CPU with the full-resolution stages run only around the mask (``sdfsmis.models.mask_decoding``)."""
+        decoder = self._mask_decoder
+        if decoder is None or z.device.type != "cpu" or z.ndim != 4 or z.shape[1] != self.latent_channels:
+            return self.decode_gray(z)  # on a GPU the whole decoder is cheap; windows would cost syncs
+        latent, background = self._empty_mask(tuple(z.shape[-2:]), z.device)
+        out = decoder.decode(z.to(self.dtype), latent, background)
+        return out.mul(2).sub(1).clamp(-1.0, 1.0).mean(dim=1, keepdim=True)
+
+    @property
+    def _mask_decoder(self) -> WindowedMaskDecoder | None:
+        if self.kind != "taesd":
+            return None
+        if "_windowed" not in self.__dict__:
+            decoder = WindowedMaskDecoder(self.model.decoder.layers)
+            self.__dict__["_windowed"] = decoder if decoder.usable else None
+        return self.__dict__["_windowed"]
+
+    def _empty_mask(self, size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(latent of the empty mask [1, C, h, w], the decoder's raw output on it), cached per size,
+        device, autocast setting and weights."""
+        kind = device.type
+        cast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        weights = tuple(p._version for p in (self.model.encoder.layers[0].weight, self.model.decoder.layers[0].weight))
+        key = (size, str(device), cast, weights)
+        cache = self.__dict__.setdefault("_empty_masks", {})
+        if key not in cache:
+            mask = torch.zeros(1, 1, size[0] * self.downsample, size[1] * self.downsample, device=device)
+            latent = self.encode_masks(mask)
+            cache.clear()
+            cache[key] = (latent, self.model.decoder.layers(channels_last(torch.tanh(latent / 3) * 3)))
+        return cache[key]
 
     def forward(self, x: Tensor) -> Tensor:
         """Round trip: ``decode(encode(x))``."""

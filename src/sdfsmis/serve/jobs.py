@@ -63,12 +63,14 @@ class PredictOptions:
 
 
 def run_prediction(support_image: Path, support_mask: Path, query: Path, out: Path, options: PredictOptions,
-                   callback: Any) -> dict:
-    """The app's one call into ``sdfsmis.predict.predict`` (the same path as ``sdfsmis predict``)."""
+                   callback: Any, models: Any = None) -> dict:
+    """The app's one call into ``sdfsmis.predict.predict`` (the same path as ``sdfsmis predict``);
+    ``models``: a ``sdfsmis.predict.ModelCache`` that keeps the model loaded between jobs."""
     from ..predict import predict
 
     result = predict(support_image, support_mask, query, out, checkpoint=options.checkpoint, device=options.device,
-                     batch_size=options.batch_size, overlay=False, progress=False, progress_callback=callback)
+                     batch_size=options.batch_size, overlay=False, progress=False, progress_callback=callback,
+                     models=models)
     return result.summary
 
 
@@ -80,6 +82,7 @@ class JobManager:
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfsmis-job")
         self.keep = keep
+        self.models: Any = None  # the model, loaded by the first job and kept for the next ones
 
     def submit(self, scan: str, query: Path, labels: list[dict], support: Any) -> Job:
         """``support(folder) -> (support_image, support_mask)`` prepares the support inside the job."""
@@ -116,8 +119,12 @@ class JobManager:
         ok = False
         try:
             image, mask = support(job.folder)
+            if self.models is None:
+                from ..predict import ModelCache
+
+                self.models = ModelCache()
             job.summary = run_prediction(image, mask, query, job.folder / "segmentation.nii.gz", self.options,
-                                         callback)
+                                         callback, models=self.models)
             job.state, ok = "done", True
         except Cancelled:
             job.state = "cancelled"
