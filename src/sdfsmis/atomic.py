@@ -7,6 +7,7 @@ one, never a part.
 - :func:`write_stream`: ``write(fileobj)`` into the temporary file, opened for binary writing;
 - :func:`write_text`, :func:`write_json`: the common cases;
 - :func:`write_files`: several text files of one folder, renamed only after all were written;
+- :class:`Staging`: several files of any writer (NIfTI, PNG, JSON), renamed together on ``commit()``;
 - :func:`write_dir`: a whole folder, filled in a temporary sibling, replacing an older one.
 
 Temporary names start with ``.`` and end with ``.tmp`` (files) or start with ``.tmp-`` (folders);
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -119,3 +121,30 @@ def write_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class Staging:
+    """Several files written together: ``temp(final)`` names a temporary file beside ``final`` that
+    keeps its suffix (``.nii.gz``, ``.png``: writers that pick the format by name), ``commit()``
+    renames them all; leaving the ``with`` block without a commit removes them."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []
+
+    def temp(self, final: Path) -> Path:
+        suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+        self.pending.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+        self.pending = []
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tmp, _ in self.pending:
+            tmp.unlink(missing_ok=True)

@@ -58,19 +58,20 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from . import atomic
 from .data.body import body_mask
 from .data.intensity import ABDOMINAL_WINDOW, check_window, model_intensities
 from .errors import InputError
 from .inference.cleanup import clean_labels
 from .inference.overlap import Overlap
-from .inference.outputs import PredictResult, _Staging, _save_labels, check_output, montage, output_paths
+from .inference.outputs import PredictResult, _save_labels, check_output, montage, output_paths
 from .inference.planning import OrganPlan, body_z_range, plan_organ
 from .inference.scans import MAX_LABEL, Inputs, Oriented, load_inputs, to_original
-from .inference.slices import GRID, PRECISIONS, QueryEncoder, SliceGrid, SlicePipeline, binarise
+from .inference.slices import PRECISIONS, QueryEncoder, SliceGrid, SlicePipeline, binarise
 
 __all__ = ["predict", "PredictResult", "load_inputs", "plan_organ", "body_z_range", "SliceGrid", "binarise",
            "output_paths", "check_output", "resolve_checkpoint", "load_model", "Inputs",
-           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "GRID", "ModelCache"]
+           "Oriented", "OrganPlan", "to_original", "MAX_LABEL", "ModelCache"]
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -367,7 +368,7 @@ def predict(support_image: str | Path, support_mask: str | Path, query: str | Pa
         "organs": organs,
         "slices_processed": int(total),
     }
-    with _Staging() as staging:
+    with atomic.Staging() as staging:
         t0 = time.perf_counter()
         _save_labels(to_original(out_labels, inputs.query), inputs.query, staging.temp(nii_path))
         if overlay:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,31 +47,6 @@ def check_output(out: str | Path, inputs: Sequence[str | Path] = ()) -> tuple[Pa
         raise InputError(paths[0], f"cannot create files in the output folder {folder} "
                                    f"({err.strerror or err}); choose another --out") from None
     return paths
-
-
-class _Staging:
-    """Temporary files next to their final names; ``commit()`` renames them all, failure removes them."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Path, Path]] = []
-
-    def temp(self, final: Path) -> Path:
-        suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-        self.pending.append((tmp, final))
-        return tmp
-
-    def commit(self) -> None:
-        for tmp, final in self.pending:
-            os.replace(tmp, final)
-        self.pending = []
-
-    def __enter__(self) -> _Staging:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for tmp, _ in self.pending:
-            tmp.unlink(missing_ok=True)
 
 
 def _save_labels(arr: np.ndarray, query: Any, path: Path) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-GRID = 256
+#: Input size for a model that does not record its own ``image_size`` (the bundled model records 128).
+DEFAULT_SIZE = 256
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -48,10 +49,10 @@ class SliceGrid:
     native: tuple[int, int]
     scaled: tuple[int, int]  # size of the resampled slice inside the grid
     offset: tuple[int, int]  # padding before it
-    size: int = GRID
+    size: int = DEFAULT_SIZE
 
     @classmethod
-    def fit(cls, native: Sequence[int], spacing: Sequence[float], pixel_mm: float, size: int = GRID) -> SliceGrid:
+    def fit(cls, native: Sequence[int], spacing: Sequence[float], pixel_mm: float, size: int = DEFAULT_SIZE) -> SliceGrid:
         scaled = tuple(int(min(size, max(1, round(n * s / pixel_mm)))) for n, s in zip(native, spacing))
         offset = tuple((size - n) // 2 for n in scaled)
         native_ = (int(native[0]), int(native[1]))
@@ -119,7 +120,7 @@ class SlicePipeline:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.precision = precision
-        self.size = int(getattr(model, "image_size", GRID))
+        self.size = int(getattr(model, "image_size", DEFAULT_SIZE))
         self.split = all(hasattr(model, n) for n in ("encode_images", "predict_latents_with_support",
                                                      "probabilities"))
 
