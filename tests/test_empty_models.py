@@ -77,13 +77,11 @@ def test_checkpoints_record_and_warn_what_the_model_marks(tmp_path, caplog):
 
 
 def test_cli_predict_warns_when_nothing_is_marked(tmp_path, tiny_model, capsys, monkeypatch):
-    from test_predict import _ras_affine, _save, _scan
+    from test_predict import nifti_pair
 
     from sdfsmis.cli import main
 
-    (s_img, s_lab), (q_img, _) = _scan(0), _scan(1)
-    paths = [_save(tmp_path / n, a, _ras_affine()) for n, a in
-             (("s.nii.gz", s_img), ("m.nii.gz", s_lab.astype("uint8")), ("q.nii.gz", q_img))]
+    paths = list(nifti_pair(tmp_path).values())
     from sdfsmis.inference import slices
 
     monkeypatch.setattr(slices, "binarise", lambda model, prob: torch.zeros_like(prob, dtype=torch.bool))

@@ -56,6 +56,16 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray, dtype=None) -> Path:
     return path
 
 
+def nifti_pair(folder: Path) -> dict[str, Path]:
+    """The support image, its mask and a query (``_scan(0)``, ``_scan(1)``, RAS) saved in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (s_img, s_lab), (q_img, _) = _scan(0), _scan(1)
+    aff = _ras_affine()
+    return {"support": _save(folder / "s.nii.gz", s_img, aff),
+            "mask": _save(folder / "m.nii.gz", s_lab.astype(np.uint8), aff),
+            "query": _save(folder / "q.nii.gz", q_img, aff)}
+
+
 def _reoriented(path: Path, data: np.ndarray, affine: np.ndarray, codes: str) -> Path:
     """Save ``data`` (RAS) in the voxel order of ``codes`` with the matching affine."""
     ras = nib.Nifti1Image(data, affine, dtype=data.dtype)

@@ -13,11 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from test_predict import _ras_affine, _save, _scan
+from test_predict import nifti_pair
 from test_train import tiny_cfg, write_prepared
 
 from sdfsmis import train as T
@@ -31,15 +30,6 @@ from sdfsmis.predict import predict
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("prepared"))
-
-
-def _nifti_pair(folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    (s_img, s_lab), (q_img, _) = _scan(0), _scan(1)
-    aff = _ras_affine()
-    return {"support": _save(folder / "s.nii.gz", s_img, aff),
-            "mask": _save(folder / "m.nii.gz", s_lab.astype(np.uint8), aff),
-            "query": _save(folder / "q.nii.gz", q_img, aff)}
 
 
 def _sd_cfg(out_dir: Path, data: Path, sd: str, *extra: str) -> T.TrainConfig:
@@ -82,7 +72,7 @@ def test_sd_tier_train_save_move_load_predict(layout, tmp_path, prepared, monkey
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value)
 
-    scans = _nifti_pair(elsewhere / "in")
+    scans = nifti_pair(elsewhere / "in")
     (elsewhere / "out").mkdir()
     (elsewhere / "cli").mkdir()
     result = predict(scans["support"], scans["mask"], scans["query"], elsewhere / "out" / "pred",

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_predict import _ras_affine, _save, _scan
+from test_predict import nifti_pair
 from transformers import AutoModel
 
 from sdfsmis.errors import InputError
@@ -43,15 +43,6 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return repo
-
-
-def _pair(folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    (s_img, s_lab), (q_img, _) = _scan(0), _scan(1)
-    aff = _ras_affine()
-    return {"support": _save(folder / "s.nii.gz", s_img, aff),
-            "mask": _save(folder / "m.nii.gz", s_lab.astype(np.uint8), aff),
-            "query": _save(folder / "q.nii.gz", q_img, aff)}
 
 
 def test_tier_defaults():
@@ -91,7 +82,7 @@ def test_sd_default_is_dinov2_small_build_save_load_predict(hub_cache, tmp_path)
         expected = model.eval()(q, support, masks)
         torch.testing.assert_close(loaded(q, support, masks), expected)
 
-    scans = _pair(tmp_path / "in")
+    scans = nifti_pair(tmp_path / "in")
     (tmp_path / "out").mkdir()
     result = predict(scans["support"], scans["mask"], scans["query"], tmp_path / "out" / "a", checkpoint=saved,
                      progress=False, min_area_mm2=0.0, device="cpu")
