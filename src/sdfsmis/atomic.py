@@ -10,7 +10,8 @@ one, never a part.
 - :class:`Staging`: several files of any writer (NIfTI, PNG, JSON), renamed together on ``commit()``;
 - :func:`write_dir`: a whole folder, filled in a temporary sibling, replacing an older one.
 
-Temporary names start with ``.`` and end with ``.tmp`` (files) or start with ``.tmp-`` (folders);
+Temporary names start with ``.`` and end with ``.tmp`` (files; ``Staging`` keeps the final suffix
+after it) or start with ``.tmp-`` (folders);
 they are removed when writing fails. Files get the usual mode (``0o666`` less the umask).
 """
 
@@ -22,7 +23,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,8 +35,8 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _temporary(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _temporary(path: Path, suffix: str = "") -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
     os.close(fd)
     os.chmod(tmp, _file_mode())  # mkstemp creates 0600
     return Path(tmp)
@@ -79,18 +79,11 @@ def write_files(folder: str | Path, files: Mapping[str, str]) -> dict[str, Path]
     rename them all: a failure while writing leaves every target as it was. Returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    temps: list[tuple[Path, Path]] = []
-    try:
+    with Staging() as staging:
         for name, text in files.items():
-            tmp = _temporary(folder / name)
-            temps.append((tmp, folder / name))
-            tmp.write_text(text, encoding="utf-8")
-        for tmp, final in temps:
-            os.replace(tmp, final)
-        return {name: folder / name for name in files}
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+            staging.temp(folder / name).write_text(text, encoding="utf-8")
+        staging.commit()
+    return {name: folder / name for name in files}
 
 
 def replace_dir(tmp: str | Path, final: str | Path) -> Path:
@@ -132,8 +125,8 @@ class Staging:
         self.pending: list[tuple[Path, Path]] = []
 
     def temp(self, final: Path) -> Path:
-        suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+        final = Path(final)
+        tmp = _temporary(final, ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix)
         self.pending.append((tmp, final))
         return tmp
 

@@ -201,9 +201,11 @@ def load_model(name: str | Path | None, device: str | torch.device = "cpu", *,
     support; ``predict`` needs one that uses it). Every failure is an InputError naming the folder.
     """
     path = model_dir(name, option, also)
+    # Built on one thread: a model is many tiny operations on which a second thread only waits
+    # (2-core CPU under load: 0.2 s on one thread, 0.5-2.2 s on two).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # building a model is many tiny operations: a second thread only waits
-    try:                      # (2-core CPU under load: 0.2 s on one thread, 0.5-2.2 s on two)
+    torch.set_num_threads(1)
+    try:
         model = load_pretrained(path, device=device, backbone_path=backbone_path,
                                 image_encoder_path=image_encoder_path)
     except InputError:
