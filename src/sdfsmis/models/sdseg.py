@@ -191,12 +191,13 @@ class SDSeg(LatentSegmenter):
         probs = [self(images, generator=gen) for _ in range(n_runs)]
         result: dict[str, Any] = {"n_runs": n_runs, "n_images": int(images.shape[0]), "lpips": None}
         for kind, maps in (("score", probs), ("seg", [self.threshold(p) for p in probs])):
-            result[kind] = _pairwise_similarity(maps)
+            result[kind] = pairwise_similarity(maps)
         return result
 
 
-def _pairwise_similarity(maps: list[Tensor]) -> dict[str, float]:
-    """Mean PSNR / SSIM / MS-SSIM over all pairs of runs and all images (maps in [0, 1])."""
+def pairwise_similarity(maps: list[Tensor]) -> dict[str, float]:
+    """Mean PSNR / SSIM / MS-SSIM over all pairs of runs and all images: ``maps`` holds one
+    ``[N, 1, H, W]`` tensor per run, values in [0, 1]."""
     from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric  # slow import, used here only
 
     psnr, ssim, msssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0), \
