@@ -19,7 +19,6 @@ same slice pipeline as ``sdfsmis evaluate``. Printed per organ:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,31 +31,29 @@ from tqdm import tqdm
 from sdfsmis.atomic import write_json
 from sdfsmis.errors import InputError
 from sdfsmis.evaluation.metrics import dice
-from sdfsmis.evaluation.protocol import organ_slices, plan_folds
+from sdfsmis.evaluation.protocol import EvalScan, load_eval_scan, organ_slices, plan_folds, volume_slices
 from sdfsmis.evaluation.report import open_prepared
 from sdfsmis.inference.slices import SlicePipeline, binarise, common_grids
 from sdfsmis.models.io import load_model
 from sdfsmis.models.sdseg import pairwise_similarity
 
 
-def organ_stability(model, prepared, queries: list[str], label_id: int, seeds: list[int],
+def organ_stability(model, scans: list[EvalScan], label_id: int, seeds: list[int],
                     batch_size: int, bar: tqdm) -> dict:
-    """Dice per seed (mean over ``queries``) and the seeds' pairwise similarity, for one organ."""
+    """Dice per seed (mean over the query ``scans``) and the seeds' pairwise similarity, for one organ."""
     pipeline = SlicePipeline(model, batch_size=batch_size)
     dices = {s: [] for s in seeds}
     score_maps = {s: [] for s in seeds}
-    for scan_id in queries:
-        scan = prepared.load(scan_id)
-        label = np.asarray(scan.label)
-        idx = organ_slices(label, label_id)
+    for scan in scans:
+        idx = organ_slices(scan.label, label_id)
         if not idx:
             bar.update(len(seeds))
             continue
-        spacing = tuple(float(v) for v in prepared.info(scan_id).spacing[:2])
-        slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(scan.image, np.float32)[:, :, idx], 2, 0)))
+        slices = volume_slices(scan.image, idx)
+        spacing = scan.spacing[:2]
         grid = common_grids(slices.shape[1:], slices.shape[1:], pipeline.size, spacing, spacing)[1]
         x = grid.to_model(slices)
-        truth = np.moveaxis(label[:, :, idx] == label_id, 2, 0)
+        truth = volume_slices(scan.label == label_id, idx).numpy() > 0
         for seed in seeds:
             model.config.noise_seed = seed
             with torch.inference_mode(), pipeline.autocast():
@@ -102,10 +99,11 @@ def main() -> None:
     except InputError as err:
         sys.exit(f"sdseg_stability.py: error: {err}")
     t0 = time.time()
+    scans = [load_eval_scan(prepared, q) for q in queries]  # read once, used by every organ
     results = {}
     with tqdm(total=len(organs) * len(queries) * len(args.seeds), desc="seeds x queries", unit="pass") as bar:
         for organ in organs:
-            results[organ] = organ_stability(models[organ], prepared, queries, prepared.spec.labels[organ],
+            results[organ] = organ_stability(models[organ], scans, prepared.spec.label_id(organ),
                                              args.seeds, args.batch_size, bar)
     print(f"\n{args.prepared} fold {args.fold}, queries {queries}, seeds {args.seeds}, "
           f"{time.time() - t0:.0f} s, {torch.get_num_threads()} thread(s)\n")

@@ -151,23 +151,26 @@ def _describe(predictor: Any) -> dict[str, Any]:
 
 
 @dataclass
-class _Scan:
+class EvalScan:
+    """A prepared scan as the protocol reads it."""
+
     image: np.ndarray  # float32 [X, Y, Z]
     label: np.ndarray  # [X, Y, Z]
     spacing: tuple[float, float, float]
 
 
-def _load(prepared: Any, scan_id: str) -> _Scan:
+def load_eval_scan(prepared: Any, scan_id: str) -> EvalScan:
+    """Image, label and voxel spacing of ``scan_id`` in a prepared dataset."""
     scan = prepared.load(scan_id)
     info = getattr(scan, "info", None) or prepared.info(scan_id)
-    return _Scan(
+    return EvalScan(
         image=np.asarray(scan.image, dtype=np.float32),
         label=np.asarray(scan.label),
         spacing=tuple(float(s) for s in info.spacing),
     )
 
 
-def _slices(vol: np.ndarray, idx: Sequence[int]) -> torch.Tensor:
+def volume_slices(vol: np.ndarray, idx: Sequence[int]) -> torch.Tensor:
     """``vol[:, :, idx]`` as a ``[len(idx), X, Y]`` float32 tensor."""
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[:, :, list(idx)], 2, 0), dtype=np.float32))
 
@@ -285,9 +288,9 @@ def evaluate(
 
         bar = tqdm(total=len(tasks) * len(organs), desc=f"evaluate {spec.name}", unit="case")
     for fold, p in plan.items():
-        sup_scan = _load(prepared, p["support"])
+        sup_scan = load_eval_scan(prepared, p["support"])
         for qid in p["queries"]:
-            qscan = _load(prepared, qid)
+            qscan = load_eval_scan(prepared, qid)
             for organ in organs:
                 lid = spec.label_id(organ)
                 q_z = organ_slices(qscan.label, lid)
@@ -316,7 +319,7 @@ def takes_spacing(predictor: Any) -> bool:
 
 
 def _run_case(
-    predictor: Predictor, sup: _Scan, qry: _Scan, lid: int, q_z: list[int], s_z: list[int],
+    predictor: Predictor, sup: EvalScan, qry: EvalScan, lid: int, q_z: list[int], s_z: list[int],
     fold: int, organ: str, qid: str, sid: str, n_chunks: int, shots: int, cleanup: bool = False,
 ) -> CaseResult:
     z0, z1 = q_z[0], q_z[-1] + 1
@@ -324,11 +327,11 @@ def _run_case(
     seconds = 0.0
     used: list[list[int]] = []
     for q_chunk, s_chunk in chunk_support_slices(s_z, q_z, n_chunks, shots):
-        s_img = _slices(sup.image, s_chunk)
+        s_img = volume_slices(sup.image, s_chunk)
         s_msk = torch.from_numpy(
             np.ascontiguousarray(np.moveaxis(sup.label[:, :, s_chunk] == lid, 2, 0), dtype=np.float32)
         )
-        q_img = _slices(qry.image, q_chunk)
+        q_img = volume_slices(qry.image, q_chunk)
         t0 = time.perf_counter()
         if takes_spacing(predictor):  # the shared slice pipeline needs the pixel sizes
             prob = predictor.predict(s_img, s_msk, q_img, spacing=(sup.spacing[:2], qry.spacing[:2]))
