@@ -74,7 +74,7 @@ class CachedEpisodeSampler:
     def _bank_keys(self) -> list[str]:
         """Store key suffixes of the intensity bank's copies: a hash of the intensity recipe + copy."""
         aug = self.sampler.config.augment
-        recipe = json.dumps([aug.gamma, aug.contrast, aug.noise_std, aug.bias_field])
+        recipe = json.dumps([aug.gamma, aug.contrast, aug.noise_std, aug.bias_field] + ([aug.remap] if aug.remap else []))
         tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]
         return [f"@{tag}.{c}" for c in range(1, self.bank + 1)]
 

@@ -170,3 +170,21 @@ def test_random_intensity():
     assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1 and not torch.allclose(a, images, atol=0.05)
     dark = torch.full((2, 1, 8, 8), -1.0)  # background stays background under the bias field
     assert torch.equal(random_intensity(dark, AugmentConfig(gamma=(1, 1), bias_field=0.5), torch.Generator()), dark)
+
+
+def test_random_remap_changes_relative_brightness():
+    """The random curve keeps the background dark and the range, is seeded, and (unlike gamma or
+    contrast) can make a darker tissue brighter than a lighter one; strength 0 changes nothing."""
+    from sdfsmis.data.augment import random_intensity, random_remap
+
+    images = torch.tensor([-1.0, -0.4, 0.4])[None, None, None].repeat(256, 1, 1, 1)  # background, grey, bright
+    assert torch.allclose(random_remap(images, 0.0, torch.Generator()), images, atol=1e-6)
+    a, b = (random_remap(images, 1.0, torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
+    assert torch.all(a[..., 0] == -1)
+    flipped = (a[..., 1] > a[..., 2]).float().mean()
+    assert 0.05 < flipped < 0.5, flipped  # gamma and contrast never swap them
+    full = random_intensity(images, AugmentConfig(gamma=(1, 1), remap=1.0), torch.Generator().manual_seed(1))
+    assert torch.allclose(full, a, atol=1e-6)
+    with pytest.raises(ValueError):
+        AugmentConfig(remap=1.5)

@@ -57,6 +57,7 @@ class AugmentConfig:
     contrast: tuple[float, float] = (1.0, 1.0)  # intensity bank: contrast about the slice mean, U(lo, hi)
     noise_std: float = 0.0  # intensity bank: Gaussian noise, standard deviation in [-1, 1] units
     bias_field: float = 0.0  # intensity bank: smooth multiplicative field exp(U(-b, b) x a low-order field)
+    remap: float = 0.0  # intensity bank: a random non-monotonic intensity curve, mixed in with weight U(remap / 2, remap)
     image_pad: float = -1.0  # image value for pixels mapped from outside the slice
     mask_threshold: float = 0.5  # interpolated masks are binarised with ``> mask_threshold``
 
@@ -64,8 +65,8 @@ class AugmentConfig:
         for name in ("rotate_deg", "shift_px", "shear_deg", "elastic_alpha", "elastic_sigma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.flip <= 1 or self.noise_std < 0 or self.bias_field < 0:
-            raise ValueError("AugmentConfig: flip must be in [0, 1], noise_std and bias_field >= 0")
+        if not 0 <= self.flip <= 1 or not 0 <= self.remap <= 1 or self.noise_std < 0 or self.bias_field < 0:
+            raise ValueError("AugmentConfig: flip and remap must be in [0, 1], noise_std and bias_field >= 0")
         for name in ("scale", "gamma", "contrast"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
@@ -239,13 +240,39 @@ def random_gamma(images: Tensor, gamma: tuple[float, float], generator: torch.Ge
     return (x01.pow(g.view(shape)) * 2 - 1).to(images.dtype)
 
 
+REMAP_KNOTS = 6  # control points of the random intensity curve of ``AugmentConfig.remap``
+
+
+def random_remap(images: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Per element, a random intensity curve mixed into images in [-1, 1]: on [0, 1] intensities,
+    ``(1 - w) * u + w * f(u)`` with ``w ~ U(strength / 2, strength)`` and ``f`` piecewise linear through
+    ``REMAP_KNOTS`` evenly spaced knots with values ``U(0, 1)`` (the first 0: the background stays
+    dark). ``f`` need not be monotonic, so tissues change their brightness *relative to each other*,
+    as an organ does between MR scans (a spleen as bright as the kidneys in one T2 scan, as grey as
+    the liver in the next), which no gamma or contrast change can imitate."""
+    n = images.shape[0]
+    w = _uniform(n, strength / 2, strength, generator, images.device)
+    knots = _uniform(n, 0.0, 1.0, generator, images.device, (REMAP_KNOTS,))
+    knots[:, 0] = 0.0
+    u = ((images.float() + 1) / 2).clamp(0, 1).reshape(n, -1)
+    pos = u * (REMAP_KNOTS - 1)
+    lo = pos.floor().long().clamp(max=REMAP_KNOTS - 2)
+    frac = pos - lo
+    curve = knots.gather(1, lo) * (1 - frac) + knots.gather(1, lo + 1) * frac
+    mixed = (1 - w[:, None]) * u + w[:, None] * curve
+    return (mixed * 2 - 1).reshape(images.shape).to(images.dtype)
+
+
 def random_intensity(images: Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> Tensor:
     """The intensity part of ``config`` on images ``[B, 1, H, W]`` in [-1, 1], one draw per element:
-    gamma, then contrast about the slice mean, a smooth multiplicative bias field (a random
-    combination of 1, x, y, x^2, xy, y^2 over the slice, exponentiated) and Gaussian noise; clipped
-    to [-1, 1]. This is what the intensity bank of cached training encodings applies
-    (:mod:`sdfsmis.latents`): MR bias fields, scanner contrast and noise differ between patients."""
+    the random curve of :func:`random_remap` (when ``config.remap > 0``), gamma, then contrast about
+    the slice mean, a smooth multiplicative bias field (a random combination of 1, x, y, x^2, xy, y^2
+    over the slice, exponentiated) and Gaussian noise; clipped to [-1, 1]. This is what the intensity
+    bank of cached training encodings applies (:mod:`sdfsmis.latents`): MR bias fields, scanner
+    contrast, noise and the tissues' relative brightness differ between patients."""
     n, _, h, w = images.shape
+    if config.remap > 0:
+        images = random_remap(images, config.remap, generator)
     x = random_gamma(images, config.gamma, generator).float()
     c = _uniform(n, config.contrast[0], config.contrast[1], generator, x.device).view(n, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -289,5 +316,5 @@ def augment(images: Tensor, masks: Tensor | None = None, config: AugmentConfig =
 
 __all__ = [
     "AugmentConfig", "affine_matrices", "augment", "elastic_displacements", "gaussian_blur",
-    "random_gamma", "random_intensity", "random_grids", "resample", "sampling_grid", "warp",
+    "random_gamma", "random_intensity", "random_remap", "random_grids", "resample", "sampling_grid", "warp",
 ]
