@@ -64,7 +64,9 @@ def main() -> None:
         sys.exit(f"{src}: {size / 2**20:.1f} MiB of weights, more than the 25 MiB a bundled model may have")
     train_cfg = json.loads((args.run / "config.json").read_text())
     train_cfg["data"] = [_below_cwd(d) for d in train_cfg["data"]]
-    train_cfg["out_dir"] = _below_cwd(train_cfg["out_dir"])
+    for key in ("out_dir", "cache_dir", "init_from"):
+        if train_cfg.get(key) and train_cfg[key] != "bundled":
+            train_cfg[key] = _below_cwd(train_cfg[key])
     (tmp / "train_config.json").write_text(json.dumps(train_cfg, indent=1) + "\n")
     threshold = f" --threshold {args.threshold}" if args.threshold else ""
     command = args.command or f"sdfsmis train --config {args.run / 'config.json'}"

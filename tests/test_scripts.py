@@ -84,7 +84,8 @@ def test_ship_model_bundles_float16_weights_with_a_portable_config(tmp_path, tin
 
     run = tmp_path / "runs" / "r"
     shutil.copytree(tiny_model, run / "model")
-    cfg = {"data": [str(tmp_path / "prepared" / "x"), "/elsewhere/y"], "out_dir": str(run), "iterations": 3}
+    cfg = {"data": [str(tmp_path / "prepared" / "x"), "/elsewhere/y"], "out_dir": str(run), "iterations": 3,
+           "cache_dir": str(tmp_path / "cache"), "init_from": str(tmp_path / "runs" / "first" / "model")}
     (run / "config.json").write_text(json.dumps(cfg))
     target = tmp_path / "bundled"
     target.mkdir()
@@ -96,6 +97,7 @@ def test_ship_model_bundles_float16_weights_with_a_portable_config(tmp_path, tin
     assert {v.dtype for v in load_file(target / "model.safetensors").values()} == {torch.float16}
     shipped = json.loads((target / "train_config.json").read_text())
     assert shipped["data"] == ["prepared/x", "/elsewhere/y"] and shipped["out_dir"] == "runs/r"
+    assert shipped["cache_dir"] == "cache" and shipped["init_from"] == "runs/first/model"
     readme = (target / "README.md").read_text()
     assert "made in a test" in readme and "--threshold absolute:-0.75" in readme
     model = load_pretrained(target)
