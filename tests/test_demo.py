@@ -49,6 +49,14 @@ def test_demo_runs_end_to_end(tiny_model, tmp_path, capsys):
     assert "Dice right kidney" in out
 
 
+def test_demo_passes_shots_and_chunks_to_predict(tiny_model, tmp_path):
+    report = D.run_demo(tmp_path / "demo", checkpoint=tiny_model, labels=[2], progress=False, verbose=False,
+                        shots=2, chunks=5)
+    summary = json.loads(Path(report["summary"]).read_text())
+    assert (summary["settings"]["shots"], summary["settings"]["chunks"]) == (2, 5)
+    assert all(len(z) == 2 for z in summary["organs"][0]["support_slices"])
+
+
 def test_demo_without_a_bundled_model_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(model_io, "BUNDLED_MODEL_DIR", tmp_path / "no-model")
     with pytest.raises(InputError, match="no trained default model is bundled yet"):

@@ -202,7 +202,8 @@ def _demo(args: argparse.Namespace) -> None:
 
     _use_all_cores()
     run_demo(Path(args.out), checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-             progress=not args.quiet, precision=args.precision, cleanup=not args.no_cleanup)
+             progress=not args.quiet, precision=args.precision, cleanup=not args.no_cleanup,
+             shots=args.shots, chunks=args.chunks)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
     _inference_flags(d)
     d.add_argument("--no-cleanup", action="store_true", help="score the raw prediction (no 3-D clean-up)")
+    d.add_argument("--shots", type=int, default=1, help="support slices per chunk")
+    d.add_argument("--chunks", type=int, default=3, help="chunks of each organ's z-extent (protocol: 3)")
     d.set_defaults(func=_demo)
     return parser
 

@@ -46,13 +46,15 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | None = None, device: str = "auto",
              labels: Sequence[int] | None = None, batch_size: int = 16, progress: bool = True,
-             verbose: bool = True, precision: str = "auto", cleanup: bool = True) -> dict[str, Any]:
+             verbose: bool = True, precision: str = "auto", cleanup: bool = True, shots: int = 1,
+             chunks: int = 3) -> dict[str, Any]:
     """Run the demo; returns ``{"dice": {organ: value}, "segmentation", "overlay", "summary", "seconds"}``.
 
     ``out_dir`` is created if needed; the prediction goes to ``out_dir/query_prediction.nii.gz`` (with
     ``.png`` and ``.json`` next to it) and the Dice values to ``out_dir/dice.json``. ``checkpoint``:
     a trained model directory (default: the bundled model). ``labels``: only these CHAOS ids
-    (1 liver, 2 right kidney, 3 left kidney, 4 spleen). ``precision``, ``cleanup``: as in ``predict``.
+    (1 liver, 2 right kidney, 3 left kidney, 4 spleen). ``precision``, ``cleanup``, ``shots``,
+    ``chunks``: as in ``predict``.
     The overlay shows the manual labels beside the prediction.
     """
     from .predict import predict
@@ -66,6 +68,7 @@ def run_demo(out_dir: str | Path = "sdfsmis-demo", *, checkpoint: str | Path | N
     result = predict(files["support_image"], files["support_mask"], files["query"],
                      out_dir / "query_prediction.nii.gz", labels=labels, checkpoint=checkpoint, device=device,
                      batch_size=batch_size, progress=progress, precision=precision, cleanup=cleanup,
+                     shots=shots, chunks=chunks,
                      names=ORGANS, reference=files["query_label"])
     pred = np.asarray(nib.load(str(result.segmentation)).dataobj)
     gt = np.asarray(nib.load(str(files["query_label"])).dataobj)
