@@ -581,6 +581,15 @@ def test_intensity_bank_and_prefill(prepared, tmp_path, monkeypatch):
     assert all(torch.equal(again[k], batch[k]) for k in batch)
     with pytest.raises(ValueError, match="cache_bank"):
         dataclasses.replace(cfg, cache_latents=False, cache_dir="")
+    # another intensity recipe (the random curve) adds its own copies; the first bank stays as it was
+    monkeypatch.undo()
+    curve = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true",
+                     f"cache_dir={tmp_path / 'cache'}", "cache_bank=2", "episodes.augment.contrast=[0.5,0.6]",
+                     "episodes.augment.bias_field=0.3", "episodes.augment.remap=1.0")
+    T.build_sampler(curve, progress=False, model=model).samplers[0].sample(4, torch.Generator().manual_seed(3))
+    both = load_file(next(cache.store.glob("*.safetensors")))
+    assert len([k for k in both if k.startswith("latents")]) == 5
+    assert all(torch.equal(both[k], stored[k]) for k in copies)
 
 
 def test_bf16_encodings_agree_with_fp32_and_have_their_own_store(prepared, tmp_path):

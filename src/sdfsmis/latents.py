@@ -74,7 +74,10 @@ class CachedEpisodeSampler:
     def _bank_keys(self) -> list[str]:
         """Store key suffixes of the intensity bank's copies: a hash of the intensity recipe + copy."""
         aug = self.sampler.config.augment
-        recipe = json.dumps([aug.gamma, aug.contrast, aug.noise_std, aug.bias_field] + ([aug.remap] if aug.remap else []))
+        parts = [aug.gamma, aug.contrast, aug.noise_std, aug.bias_field]
+        if aug.remap:  # only when used: banks stored before the curve existed keep their keys
+            parts.append(aug.remap)
+        recipe = json.dumps(parts)
         tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]
         return [f"@{tag}.{c}" for c in range(1, self.bank + 1)]
 
