@@ -244,6 +244,8 @@ example:
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shots", type=int, default=1, help="support slices per chunk")
+    p.add_argument("--chunks", type=int, default=3, help="chunks of each organ's slices (protocol: 3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=16, help="query slices per model call")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -290,8 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--organs", nargs="+", default=None,
                    help="organ names of the dataset's labels to evaluate (default: its eval_organs)")
     e.add_argument("--support", default="last", help="support scan of each fold: last | index:N | id:X")
-    e.add_argument("--shots", type=int, default=1, help="support slices per chunk")
-    e.add_argument("--chunks", type=int, default=3, help="chunks of the organ's slices (protocol: 3)")
     _inference_flags(e)
     e.add_argument("--label", default=None, help="method name in the tables (default: the predictor's)")
     e.add_argument("--setting", default="", help="setting label in the tables, e.g. 1 or 2")
@@ -327,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--names", nargs="+", default=None, metavar="ID=NAME",
                    help="organ names for the overlay and summary: 1=liver 2=kidney_r ... or one JSON label-map "
                         "file (default: CHAOS / Synapse names of known ids)")
-    r.add_argument("--shots", type=int, default=1, help="support slices per chunk")
     r.add_argument("--checkpoint", default=None,
                    help="trained model directory or 'bundled' (default: the bundled model)")
     _inference_flags(r)
@@ -337,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: CT recognised from its HU values; ct scans are windowed (--window)")
     r.add_argument("--window", type=float, nargs=2, default=[-125.0, 275.0], metavar=("LO", "HI"),
                    help="CT window in HU applied before normalisation")
-    r.add_argument("--chunks", type=int, default=3, help="chunks of each organ's z-extent (protocol: 3)")
     r.add_argument("--z-margin", type=float, default=0.2,
                    help="widening of the organ's mapped z-range, as a fraction of the query's body extent")
     r.add_argument("--all-slices", action="store_true", help="consider every query slice (no z-range)")
@@ -365,8 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", default=None, help="trained model directory (default: the bundled model)")
     _inference_flags(d)
     d.add_argument("--no-cleanup", action="store_true", help="score the raw prediction (no 3-D clean-up)")
-    d.add_argument("--shots", type=int, default=1, help="support slices per chunk")
-    d.add_argument("--chunks", type=int, default=3, help="chunks of each organ's z-extent (protocol: 3)")
     d.set_defaults(func=_demo)
     return parser
 
