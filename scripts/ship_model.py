@@ -65,7 +65,7 @@ def main() -> None:
     train_cfg = json.loads((args.run / "config.json").read_text())
     train_cfg["data"] = [_below_cwd(d) for d in train_cfg["data"]]
     for key in ("out_dir", "cache_dir", "init_from"):
-        if train_cfg.get(key) and train_cfg[key] != "bundled":
+        if train_cfg.get(key):  # "bundled" (init_from) is not a path below the folder: kept as it is
             train_cfg[key] = _below_cwd(train_cfg[key])
     (tmp / "train_config.json").write_text(json.dumps(train_cfg, indent=1) + "\n")
     threshold = f" --threshold {args.threshold}" if args.threshold else ""

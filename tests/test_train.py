@@ -554,9 +554,9 @@ def test_intensity_bank_and_prefill(prepared, tmp_path, monkeypatch):
 
     from sdfsmis.models import build
 
-    cfg = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true",
-                   f"cache_dir={tmp_path / 'cache'}", "cache_bank=2", "cache_prefill=true",
-                   "episodes.augment.contrast=[0.5,0.6]", "episodes.augment.bias_field=0.3")
+    bank = ["episodes.augment_which=none", "cache_latents=true", f"cache_dir={tmp_path / 'cache'}", "cache_bank=2",
+            "cache_prefill=true", "episodes.augment.contrast=[0.5,0.6]", "episodes.augment.bias_field=0.3"]
+    cfg = tiny_cfg(Path("unused"), prepared, *bank)
     torch.manual_seed(0)
     model = build(cfg.model).eval()
     cache = T.build_sampler(cfg, progress=False, model=model).samplers[0]
@@ -583,9 +583,7 @@ def test_intensity_bank_and_prefill(prepared, tmp_path, monkeypatch):
         dataclasses.replace(cfg, cache_latents=False, cache_dir="")
     # another intensity recipe (the random curve) adds its own copies; the first bank stays as it was
     monkeypatch.undo()
-    curve = tiny_cfg(Path("unused"), prepared, "episodes.augment_which=none", "cache_latents=true",
-                     f"cache_dir={tmp_path / 'cache'}", "cache_bank=2", "episodes.augment.contrast=[0.5,0.6]",
-                     "episodes.augment.bias_field=0.3", "episodes.augment.remap=1.0")
+    curve = tiny_cfg(Path("unused"), prepared, *bank, "episodes.augment.remap=1.0")
     T.build_sampler(curve, progress=False, model=model).samplers[0].sample(4, torch.Generator().manual_seed(3))
     both = load_file(next(cache.store.glob("*.safetensors")))
     assert len([k for k in both if k.startswith("latents")]) == 5
