@@ -13,8 +13,9 @@ A plan is a JSON file (``experiments/plans/``)::
                "evaluate": {"prepared": "prepared/abd-mri", "folds": [0], "args": []}}, ...]}
 
 Fold expansion: a run with ``folds`` becomes one run per fold, named ``NAME-fFOLD``, with
-``episodes.fold=FOLD`` after its overrides (and, where it has ``evaluate`` without ``folds``,
-evaluated on that fold). Unknown keys and run names used twice are errors.
+``{fold}`` in its overrides replaced by FOLD (e.g. ``init_from=runs/x-f{fold}/model``, each fold
+continuing its own model) and ``episodes.fold=FOLD`` after them (and, where it has ``evaluate``
+without ``folds``, evaluated on that fold). Unknown keys and run names used twice are errors.
 
 Each run trains with ``sdfsmis train [--config CONFIG] BASE... OVERRIDES...`` into ``OUT/NAME`` (its own
 process, log in ``OUT/NAME.log``), then ``sdfsmis evaluate`` writes ``OUT/NAME/eval``. ``OUT`` is the
@@ -116,7 +117,8 @@ def load_plan(path: str | Path) -> Plan:
         if "folds" in entry:
             for fold in _folds(entry["folds"], f"{where}: folds"):
                 ev = None if evaluate is None else {"folds": [fold], **evaluate}
-                plan.runs.append(Run(f"{entry['name']}-f{fold}", [*overrides, f"episodes.fold={fold}"], ev))
+                fold_overrides = [o.replace("{fold}", str(fold)) for o in overrides]
+                plan.runs.append(Run(f"{entry['name']}-f{fold}", [*fold_overrides, f"episodes.fold={fold}"], ev))
         else:
             plan.runs.append(Run(entry["name"], overrides, evaluate))
     seen: set[str] = set()

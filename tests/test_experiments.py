@@ -55,11 +55,11 @@ def _write(path: Path, plan: dict) -> Path:
 
 def test_fold_expansion_and_bad_plans(tmp_path):
     plan = load_plan(_write(tmp_path / "p.json", {"out": "o", "runs": [
-        {"name": "a", "folds": [2, 3], "overrides": ["x=1"], "evaluate": {"prepared": "d"}},
+        {"name": "a", "folds": [2, 3], "overrides": ["x=1", "init_from=r-f{fold}/model"], "evaluate": {"prepared": "d"}},
         {"name": "b", "evaluate": {"prepared": "d", "folds": [0, 1]}}]}))
     assert [(r.name, r.overrides, r.evaluate) for r in plan.runs] == [
-        ("a-f2", ["x=1", "episodes.fold=2"], {"prepared": "d", "folds": [2]}),
-        ("a-f3", ["x=1", "episodes.fold=3"], {"prepared": "d", "folds": [3]}),
+        ("a-f2", ["x=1", "init_from=r-f2/model", "episodes.fold=2"], {"prepared": "d", "folds": [2]}),
+        ("a-f3", ["x=1", "init_from=r-f3/model", "episodes.fold=3"], {"prepared": "d", "folds": [3]}),
         ("b", [], {"prepared": "d", "folds": [0, 1]})]
     bad = {
         "'out' .* is required": {"runs": [{"name": "a"}]},
