@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_precision.py                         # the bundled model, 1 and 2 threads
     python benchmarks/cpu_precision.py --model MODEL_DIR --threads 2 --batch 32
+    python benchmarks/cpu_precision.py --threads 1 --image-size 256     # the same weights at 256 px
 
 Stages (real slices of the bundled CHAOS demo scan at the model's size):
 - ``encode slices``: TAESD trunk -> latents + VTCT features of image slices (cache building);
@@ -10,6 +11,8 @@ Stages (real slices of the bundled CHAOS demo scan at the model's size):
 - ``predict``: ``predict_with_support`` on query slices with the support prepared once.
 Each stage prints ms per item for fp32 and for ``torch.autocast("cpu", dtype=torch.bfloat16)``,
 the speed-up, and how the outputs agree (relative error of latents; Dice of predicted masks).
+``--image-size`` runs the model at another working size (its layers are convolutions and attention,
+so the weights apply at any multiple of 8): what training or predicting at that size would cost.
 """
 
 from __future__ import annotations
@@ -63,12 +66,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=32, help="slices or masks per encoder call")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=None, help="working size in px (default: the model's)")
     args = parser.parse_args()
 
     from sdfsmis.models import load_pretrained
 
     path = args.model or str(files("sdfsmis") / "assets" / "model")
     model = load_pretrained(path, device="cpu").float().eval()
+    if args.image_size:
+        if args.image_size % 8:
+            parser.error(f"--image-size {args.image_size} is not a multiple of 8")
+        model.image_size, model.latent_size = args.image_size, args.image_size // 8
     size = int(model.image_size)
     images, masks = demo_slices(size)
     n = min(args.batch, len(images))
