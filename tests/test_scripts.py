@@ -122,3 +122,15 @@ def test_fill_cache_encodes_every_drawable_mask(tmp_path):
     assert sorted(files) == ["2", "3", "4"]  # the training scans of fold 0
     sampler_masks = sum(len(f["mask_keys"]) for f in files.values())
     assert sampler_masks > 0 and all(sum(k.startswith("latents") for k in f) == 2 for f in files.values())
+
+
+def test_cpu_precision_runs_the_bundled_model_at_another_size(tmp_path):
+    res = _script(str(ROOT / "benchmarks" / "cpu_precision.py"), "--threads", "1", "--batch", "16", "--repeat", "1",
+                  "--image-size", "64", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "(64 px)" in res.stdout
+    rows = [line for line in res.stdout.splitlines() if line.startswith(("| encode", "| train", "| predict"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| encode slices", "| encode masks", "| train step", "| predict"]
+    assert "Dice" in rows[-1]
+    res = _script(str(ROOT / "benchmarks" / "cpu_precision.py"), "--image-size", "60", cwd=tmp_path)
+    assert res.returncode != 0 and "not a multiple of 8" in res.stderr
