@@ -12,7 +12,7 @@ Stages (real slices of the bundled CHAOS demo scan at the model's size):
 Each stage prints ms per item for fp32 and for ``torch.autocast("cpu", dtype=torch.bfloat16)``,
 the speed-up, and how the outputs agree (relative error of latents; Dice of predicted masks).
 ``--image-size`` runs the model at another working size (its layers are convolutions and attention,
-so the weights apply at any multiple of 8): what training or predicting at that size would cost.
+so the weights apply at any multiple of the VAE's downsampling, 8): what training or predicting at that size would cost.
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ def main() -> None:
 
     path = args.model or str(files("sdfsmis") / "assets" / "model")
     model = load_pretrained(path, device="cpu").float().eval()
-    if args.image_size:
-        if args.image_size % 8:
-            parser.error(f"--image-size {args.image_size} is not a multiple of 8")
-        model.image_size, model.latent_size = args.image_size, args.image_size // 8
+    if args.image_size:  # the backbone's rule: a whole number of latent pixels
+        down = model.vae.downsample
+        if args.image_size % down:
+            parser.error(f"--image-size {args.image_size} is not a multiple of {down}")
+        model.image_size, model.latent_size = args.image_size, args.image_size // down
     size = int(model.image_size)
     images, masks = demo_slices(size)
     n = min(args.batch, len(images))
